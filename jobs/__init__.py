@@ -1,0 +1,1 @@
+"""Entry points (`python -m jobs.<name>`) and the pieces they share: config, tracking, checkpoints."""

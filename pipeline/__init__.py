@@ -1,0 +1,1 @@
+"""Ingest (video -> WebDataset shards of Lab clips) and the training data loader."""
