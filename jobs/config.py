@@ -80,7 +80,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{key} must have {len(args)} items, got {list(value)!r}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
         return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
