@@ -1,0 +1,141 @@
+"""Ingest: raw videos -> sharded WebDataset tars of stored-Lab clips, on Ray.
+
+    python -m jobs.ingest --input SRC --output DST [--config FILE] [--overwrite] [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.ingest \\
+        --input s3://bucket/videos/ --output s3://bucket/shards/pretrain \\
+        --config configs/ingest/pretrain.yaml
+
+SRC: a directory (recursive), a glob, a single video or a .txt/.csv/.parquet list (`path`
+column); local paths or fsspec URLs. DST: a directory or URL. Ray: the cluster named by
+RAY_ADDRESS, else a local one.
+
+Resumable and deterministic: DST/assignment.json fixes which videos go to which shard; a
+shard with a stats file is done and skipped; a rerun finishes the rest; new input videos
+become new shards; `--overwrite` deletes this job's files in DST and starts over. At the end
+DST/manifest.json is (re)written and a summary table printed. Exit code 0 when every shard
+is complete (broken videos are accounted, not errors), 2 when some shard failed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from jobs.config import ConfigError, config_help, load_config
+from pipeline import storage
+from pipeline.config import IngestConfig
+from pipeline.distributor import run_shards
+from pipeline.reader import InputError, list_videos
+from pipeline.sharding import ASSIGNMENT, assign
+from pipeline.summary import MANIFEST, build_manifest, summary_table, write_manifest
+from pipeline.worker import config_hash
+
+log = logging.getLogger("jobs.ingest")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.ingest",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (key=value overrides, defaults shown):\n" + config_help(IngestConfig),
+    )
+    parser.add_argument("--input", required=True, help="SRC: directory, glob, list file or URL")
+    parser.add_argument("--output", required=True, help="DST: directory or URL for the shards")
+    parser.add_argument("--config", default=None, help="YAML file (configs/ingest/*.yaml)")
+    parser.add_argument("--overwrite", action="store_true", help="delete DST's shards first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def _is_ours(name: str) -> bool:
+    return (
+        name in (ASSIGNMENT, MANIFEST)
+        or (name.startswith("shard-") and (name.endswith(".tar") or name.endswith(".stats.json")))
+        or storage.TMP_MARK in name
+    )
+
+
+def clean(dst: str, *, everything: bool) -> None:
+    """Remove temporary leftovers of killed runs; with `everything`, all of this job's files."""
+    for name in storage.list_names(dst):
+        if storage.TMP_MARK in name or (everything and _is_ours(name)):
+            storage.remove(storage.join(dst, name))
+
+
+def _read_done(shards: list[Any], cfg: IngestConfig) -> dict[int, dict[str, Any]]:
+    names = set(storage.list_names(shards[0].output)) if shards else set()
+    done = {}
+    expected = config_hash(cfg)
+    for spec in shards:
+        if spec.stats_url.rsplit("/", 1)[-1] not in names or spec.name not in names:
+            continue
+        stats = json.loads(storage.read_text(spec.stats_url))
+        if stats.get("config_hash") != expected:
+            raise ConfigError(
+                f"{spec.stats_url} was written with a different ingest config "
+                f"({stats.get('config_hash')} != {expected}); rerun with --overwrite or choose "
+                "a new --output"
+            )
+        done[spec.index] = stats
+    return done
+
+
+def ingest(
+    src: str, dst: str, cfg: IngestConfig, *, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run the whole job (Ray must be initialised); returns the manifest."""
+    start = time.perf_counter()
+    videos = list_videos(src, cfg.extensions)
+    storage.makedirs(dst)
+    clean(dst, everything=overwrite)
+    shards = assign(videos, dst, cfg.videos_per_shard)
+    stats = _read_done(shards, cfg)
+    todo = [s for s in shards if s.index not in stats]
+    log.info(
+        "%d videos in %d shards: %d done, %d to write -> %s",
+        len(videos), len(shards), len(stats), len(todo), dst,
+    )  # fmt: skip
+    completed, errors = run_shards(todo, cfg, progress=progress)
+    for s in completed:
+        stats[s["index"]] = {k: v for k, v in s.items() if k != "seconds"}
+    manifest = build_manifest(shards, stats, errors, cfg)
+    write_manifest(dst, manifest)
+    manifest["_seconds"] = time.perf_counter() - start
+    return manifest
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(IngestConfig, args.config, args.overrides)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 1
+    import ray
+
+    if not ray.is_initialized():
+        # A cluster named by RAY_ADDRESS is joined as it is; otherwise a local one starts.
+        local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+        ray.init(log_to_driver=False, **local)
+    try:
+        manifest = ingest(
+            args.input, args.output, cfg, overwrite=args.overwrite, progress=not args.no_progress
+        )
+    except (InputError, ConfigError) as e:
+        log.error("%s", e)
+        return 1
+    seconds = manifest.pop("_seconds")
+    print(summary_table(manifest, seconds))
+    print(f"manifest: {storage.join(args.output, MANIFEST)}")
+    return 2 if manifest["incomplete_shards"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,106 @@
+"""RGB frames -> stored Lab clips, and the compressed clip format of the shards.
+
+Stored Lab (model/colour.py): uint8, OpenCV's 8-bit Lab layout, from float sRGB in [0, 1]:
+    L8 = round(L * 255 / 100)   L in [0, 100]      -> [0, 255]
+    a8 = round(a + 128)         a in about [-127, 127] -> [1, 255]
+    b8 = round(b + 128)         b likewise
+Quantisation error: <= 0.2 L units, <= 0.5 a/b units (before the codec).
+
+Clip layout: a clip of T frames is the uint8 array (T, 3, H, W) (planes L, a, b per frame;
+channel-first, the model's layout). In a shard it is stored as one 2-D grayscale image of
+shape (T * 3 * H, W): the planes of all frames stacked vertically, frame-major
+(frame 0 L, a, b, frame 1 L, a, b, ...). One decode per clip yields the whole clip, and the
+Lab channels are never mixed by a colour transform (a JPEG of an RGB image would convert
+to YCbCr and subsample chroma; here every plane is coded as luminance, at full resolution).
+Formats (`IngestConfig.storage`), the member extension after the sample key:
+    jpeg  `lab.jpg`  lossy, `quality` (default 95: max error about 2-4 levels per plane)
+    png   `lab.png`  lossless
+    raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8
+Bytes per frame and decode speed are measured by bench/loader.py (see its docstring).
+"""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+
+EXTENSIONS = {"jpeg": "lab.jpg", "png": "lab.png", "raw": "lab.npy"}
+CLIP_EXTENSIONS = tuple(EXTENSIONS.values())
+
+
+class ClipDecodeError(ValueError):
+    """A stored clip cannot be decoded (corrupt member)."""
+
+
+def rgb_to_stored_lab(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 stored Lab (OpenCV float path)."""
+    out = np.empty((frames.shape[0], 3, frames.shape[1], frames.shape[2]), np.uint8)
+    scale = np.array([255.0 / 100.0, 1.0, 1.0], np.float32)
+    shift = np.array([0.0, 128.0, 128.0], np.float32)
+    for t, frame in enumerate(frames):
+        lab = cv2.cvtColor(frame.astype(np.float32) * (1.0 / 255.0), cv2.COLOR_RGB2Lab)
+        q = np.clip(np.rint(lab * scale + shift), 0, 255).astype(np.uint8)  # (H, W, 3)
+        out[t] = q.transpose(2, 0, 1)
+    return out
+
+
+def resize_frame(frame: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:
+    """(h, w, 3) -> (H, W, 3): "crop" scales the short side and centre-crops; "stretch"."""
+    out_h, out_w = size
+    h, w = frame.shape[:2]
+    if policy == "stretch":
+        scaled = (out_w, out_h)
+    else:
+        s = max(out_h / h, out_w / w)
+        scaled = (max(out_w, round(w * s)), max(out_h, round(h * s)))
+    interp = cv2.INTER_AREA if scaled[0] < w else cv2.INTER_LINEAR
+    if scaled != (w, h):
+        frame = cv2.resize(frame, scaled, interpolation=interp)
+    top = (frame.shape[0] - out_h) // 2
+    left = (frame.shape[1] - out_w) // 2
+    return np.ascontiguousarray(frame[top : top + out_h, left : left + out_w])
+
+
+def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, bytes]:
+    """(T, 3, H, W) uint8 stored Lab -> (member extension, bytes)."""
+    if lab.dtype != np.uint8 or lab.ndim != 4 or lab.shape[1] != 3:
+        raise ValueError(f"expected (T, 3, H, W) uint8 Lab, got {lab.dtype} {lab.shape}")
+    T, _, H, W = lab.shape
+    if storage == "raw":
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(lab), allow_pickle=False)
+        return EXTENSIONS["raw"], buf.getvalue()
+    planes = np.ascontiguousarray(lab.reshape(T * 3 * H, W))  # frame-major stacked planes
+    if storage == "jpeg":
+        ok, data = cv2.imencode(".jpg", planes, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    elif storage == "png":
+        ok, data = cv2.imencode(".png", planes, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    else:
+        raise ValueError(f"storage={storage!r}; choose one of {list(EXTENSIONS)}")
+    if not ok:
+        raise RuntimeError(f"OpenCV could not encode a {planes.shape} {storage} image")
+    return EXTENSIONS[storage], data.tobytes()
+
+
+def decode_clip(ext: str, data: bytes, num_frames: int) -> np.ndarray:
+    """Member bytes -> (T, 3, H, W) uint8 stored Lab. Raises ClipDecodeError if corrupt."""
+    if ext == EXTENSIONS["raw"]:
+        try:
+            lab = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ClipDecodeError(f"raw clip does not load: {e}") from None
+    elif ext in (EXTENSIONS["jpeg"], EXTENSIONS["png"]):
+        planes = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if planes is None or planes.shape[0] % (3 * num_frames):
+            raise ClipDecodeError(f"{ext} clip of {len(data)} bytes does not decode to planes")
+        H = planes.shape[0] // (3 * num_frames)
+        lab = planes.reshape(num_frames, 3, H, planes.shape[1])
+    else:
+        raise ClipDecodeError(f"unknown clip member extension {ext!r}; expected {CLIP_EXTENSIONS}")
+    if lab.dtype != np.uint8 or lab.ndim != 4 or lab.shape[:2] != (num_frames, 3):
+        raise ClipDecodeError(
+            f"clip has shape {lab.shape} {lab.dtype}, expected ({num_frames}, 3, H, W)"
+        )
+    return lab

@@ -1,0 +1,99 @@
+"""Deterministic, append-only assignment of videos to shards.
+
+Shard i holds a fixed, ordered list of videos, recorded in `DST/assignment.json` before any
+task starts. A rerun over the same input reads it back, so shard names and contents do not
+move. Videos that appear in SRC later are sorted and packed into NEW shards after the last
+one: old shards are never rewritten. Videos that vanished from SRC stay in their shard's
+entry (a done shard keeps its content; an unfinished one reports them as failed).
+
+Only these small descriptions travel to Ray tasks, never video data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+
+ASSIGNMENT = "assignment.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def stats_name(index: int) -> str:
+    return f"shard-{index:06d}.stats.json"
+
+
+def video_id(url: str) -> str:
+    """A stable 16-hex-digit id of a video URL: the first part of its sample keys."""
+    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """What one task needs: its index, its videos, where to write."""
+
+    index: int
+    videos: tuple[str, ...]
+    output: str  # DST
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index)
+
+    @property
+    def tar_url(self) -> str:
+        return storage.join(self.output, self.name)
+
+    @property
+    def stats_url(self) -> str:
+        return storage.join(self.output, stats_name(self.index))
+
+
+def plan_shards(videos: list[str], existing: list[list[str]], per_shard: int) -> list[list[str]]:
+    """Keep `existing` shards as they are and pack the videos they lack into new shards."""
+    assigned = {v for shard in existing for v in shard}
+    new = sorted(v for v in set(videos) if v not in assigned)
+    shards = [list(s) for s in existing]
+    for start in range(0, len(new), per_shard):
+        shards.append(new[start : start + per_shard])
+    return shards
+
+
+def load_assignment(dst: str) -> list[list[str]]:
+    url = storage.join(dst, ASSIGNMENT)
+    if not storage.exists(url):
+        return []
+    data = json.loads(storage.read_text(url))
+    return [list(s) for s in data["shards"]]
+
+
+def assign(videos: list[str], dst: str, per_shard: int) -> list[ShardSpec]:
+    """The shard plan for DST: the recorded one, extended by new videos (written atomically)."""
+    existing = load_assignment(dst)
+    missing = {v for s in existing for v in s} - set(videos)
+    if missing:
+        log.warning(
+            "%d videos recorded in %s are no longer in the input (kept in their shards), e.g. %s",
+            len(missing),
+            storage.join(dst, ASSIGNMENT),
+            sorted(missing)[0],
+        )
+    shards = plan_shards(videos, existing, per_shard)
+    if shards != existing:
+        if existing:
+            log.info(
+                "appending %d new shards after %d existing",
+                len(shards) - len(existing),
+                len(existing),
+            )
+        body = json.dumps({"videos_per_shard": per_shard, "shards": shards}, indent=1)
+        storage.atomic_write_bytes(storage.join(dst, ASSIGNMENT), body.encode("utf-8"))
+    return [ShardSpec(i, tuple(v), dst) for i, v in enumerate(shards)]

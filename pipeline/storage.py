@@ -1,0 +1,132 @@
+"""Local paths and fsspec URLs (s3://, gs://, ...) behind one small API, with atomic writes.
+
+Atomicity: a local file is written to `<name>.tmp-<random>` in the same directory and
+renamed into place (`os.replace`); an object-store file is written to a local temporary file
+and uploaded with one PUT (object stores never expose a half-written object). Readers of a
+destination therefore see either nothing or the complete file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO
+
+import fsspec
+
+TMP_MARK = ".tmp-"
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def strip_file(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or URL."""
+    fs, path = fsspec.core.url_to_fs(strip_file(url))
+    return fs, path
+
+
+def join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path returned by fs.find/glob back to a URL that `get_fs` understands."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return f"{protocol}://{path}"
+
+
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = get_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def makedirs(url: str) -> None:
+    fs, path = get_fs(url)
+    if is_local(url):
+        os.makedirs(path, exist_ok=True)
+    else:
+        with contextlib.suppress(Exception):  # object stores have no directories
+            fs.makedirs(path, exist_ok=True)
+
+
+def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(fileobj)` and publish the result at `url` atomically."""
+    if is_local(url):
+        path = strip_file(url)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
+    fs, path = get_fs(url)
+    fd, tmp = tempfile.mkstemp(suffix=".upload")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        fs.put_file(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    atomic_write(url, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def local_copy(url: str) -> Iterator[str]:
+    """A local file path holding the content of `url` (downloaded for remote URLs)."""
+    if is_local(url):
+        yield strip_file(url)
+        return
+    fs, path = get_fs(url)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(suffix=suffix)
+    os.close(fd)
+    try:
+        fs.get_file(path, tmp)
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def list_names(url: str) -> list[str]:
+    """Names of the files directly under a directory URL ([] when it does not exist)."""
+    fs, path = get_fs(url)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+
+def remove(url: str) -> None:
+    fs, path = get_fs(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)

@@ -1,0 +1,107 @@
+"""Per-run accounting: shard stats -> DST/manifest.json and the final summary table.
+
+manifest.json (deterministic: the same inputs and config give the same bytes):
+    shards             shard file names, relative to the manifest, in index order
+    samples_per_shard  clips in each shard
+    num_samples, num_frames, num_shards, bytes
+    videos             {"total", "ok", "skipped", "failed"} over every input video
+    problems           [{"path", "status", "message"}] for every skipped or failed video
+    incomplete_shards  {name: error} for shards that failed twice (absent from `shards`)
+    clip_frames, frame_offsets, size, storage: what a sample holds (the loader reads these)
+    config, config_hash
+    content_hash       sha256 over config_hash and every shard's name and sha256: the data
+                       lineage training logs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Any
+
+from jobs.config import to_dict
+from pipeline import storage
+from pipeline.config import IngestConfig
+from pipeline.sharding import ShardSpec
+from pipeline.worker import config_hash
+
+MANIFEST = "manifest.json"
+
+
+def build_manifest(
+    shards: list[ShardSpec],
+    stats: dict[int, dict[str, Any]],
+    errors: dict[int, str],
+    cfg: IngestConfig,
+) -> dict[str, Any]:
+    complete = [s for s in shards if s.index in stats]
+    per_shard = [stats[s.index]["num_samples"] for s in complete]
+    videos = [v for s in complete for v in stats[s.index]["videos"]]
+    status = Counter(v["status"] for v in videos)
+    lost = sum(len(s.videos) for s in shards if s.index not in stats)
+    content = hashlib.sha256(config_hash(cfg).encode())
+    for s in complete:
+        content.update(f"{s.name}:{stats[s.index]['sha256']}\n".encode())
+    return {
+        "version": 1,
+        "shards": [s.name for s in complete],
+        "samples_per_shard": per_shard,
+        "num_samples": sum(per_shard),
+        "num_frames": sum(stats[s.index]["num_frames"] for s in complete),
+        "num_shards": len(complete),
+        "bytes": sum(stats[s.index]["bytes"] for s in complete),
+        "videos": {
+            "total": len(videos) + lost,
+            "ok": status["ok"],
+            "skipped": status["skipped"],
+            "failed": status["failed"] + lost,
+        },
+        "problems": [
+            {"path": v["path"], "status": v["status"], "message": v["message"]}
+            for v in videos
+            if v["status"] != "ok"
+        ],
+        "incomplete_shards": {shards[i].name: e for i, e in sorted(errors.items())},
+        "clip_frames": len(cfg.offsets),
+        "frame_offsets": list(cfg.offsets),
+        "size": list(cfg.size),
+        "storage": cfg.storage,
+        "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "content_hash": content.hexdigest(),
+    }
+
+
+def write_manifest(dst: str, manifest: dict[str, Any]) -> str:
+    url = storage.join(dst, MANIFEST)
+    body = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    storage.atomic_write_bytes(url, body.encode("utf-8"))
+    return url
+
+
+def summary_table(
+    manifest: dict[str, Any], seconds: float | None = None, max_rows: int = 20
+) -> str:
+    v = manifest["videos"]
+    lines = [
+        "ingest summary",
+        f"  shards      {manifest['num_shards']:>10}   incomplete {len(manifest['incomplete_shards'])}",
+        f"  videos      {v['total']:>10}   ok {v['ok']}  skipped {v['skipped']}  failed {v['failed']}",
+        f"  clips       {manifest['num_samples']:>10}   frames {manifest['num_frames']}",
+        f"  bytes       {manifest['bytes']:>10}   "
+        f"per frame {manifest['bytes'] / max(manifest['num_frames'], 1):.0f}",
+        f"  content     {manifest['content_hash'][:16]}",
+    ]
+    if seconds:
+        lines.append(f"  this run    {seconds:>9.1f}s")
+    problems = manifest["problems"]
+    if problems:
+        lines.append(f"  {'status':<8} {'video':<50} message")
+        for p in problems[:max_rows]:
+            lines.append(f"  {p['status']:<8} {p['path'][-50:]:<50} {p['message'][:100]}")
+        if len(problems) > max_rows:
+            lines.append(f"  ... {len(problems) - max_rows} more in manifest.json 'problems'")
+    for name, err in manifest["incomplete_shards"].items():
+        lines.append(f"  INCOMPLETE {name}: {err}")
+    return "\n".join(lines)

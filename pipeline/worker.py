@@ -1,0 +1,253 @@
+"""One Ray task = one shard: decode its videos, cut clips, convert to stored Lab, write the tar.
+
+Per video the task records a status: "ok" (n clips), "skipped" (with the reason, e.g. shorter
+than one clip) or "failed" (the error message). A broken video never fails its shard; only a
+failure to write the shard does (the distributor retries those).
+
+Order of writes: the tar (atomically, temp + rename), then the stats JSON (atomically) as the
+done marker. The tar is byte-for-byte deterministic (sorted members, zero mtimes, owner and
+mode fixed), so a rerun or retry writes identical bytes.
+
+Decoding: decord, with the reader opened inside the task (`decoder_threads` threads) and
+freed after each video. decord mishandles display rotation (it swaps the output size but not
+the pixels, and copies fail or return garbage), so every video is probed with PyAV first; a
+video with a display-rotation matrix is decoded with PyAV instead and rotated upright
+(np.rot90 by the matrix angle, counter-clockwise as FFmpeg's `av_display_rotation_get`).
+Grayscale videos decode to RGB with R = G = B, i.e. a = b = 128 in stored Lab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import tarfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jobs.config import from_dict, to_dict
+from pipeline import storage
+from pipeline.codec import encode_clip, resize_frame, rgb_to_stored_lab
+from pipeline.config import IngestConfig
+from pipeline.sharding import ShardSpec, video_id
+
+log = logging.getLogger(__name__)
+
+
+def config_hash(cfg: IngestConfig) -> str:
+    """Hash of the fields that change shard content (not Ray/fan-out settings)."""
+    fields = {k: v for k, v in to_dict(cfg).items() if k in CONTENT_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+CONTENT_FIELDS = (
+    "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
+    "size", "resize", "storage", "quality", "videos_per_shard",
+)  # fmt: skip
+
+
+class SkipVideo(Exception):
+    """The video is readable but yields no clip (the message says why)."""
+
+
+@dataclasses.dataclass
+class VideoInfo:
+    num_frames: int
+    fps: float
+    height: int  # as displayed (after rotation)
+    width: int
+    rotation: int  # degrees, 0/90/180/270
+
+
+def clip_starts(num_frames: int, cfg: IngestConfig) -> list[int]:
+    """First source frame of every clip of a video (deterministic)."""
+    last = num_frames - cfg.span
+    if last < 0:
+        return []
+    if cfg.clips_per_video > 0:
+        count = min(cfg.clips_per_video, last + 1)
+        return sorted({round(x) for x in np.linspace(0, last, count)})
+    return list(range(0, last + 1, cfg.clip_stride or cfg.span))
+
+
+def _probe(path: str) -> tuple[int, VideoInfo | None]:
+    """PyAV probe: (rotation, info if PyAV has to decode it)."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        first = next(container.decode(stream), None)
+        if first is None:
+            raise ValueError("video stream has no decodable frame")
+        rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
+        if rotation == 0:
+            return 0, None
+        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        count = stream.frames or sum(1 for _ in container.decode(stream)) + 1
+        h, w = (first.height, first.width) if rotation % 180 == 0 else (first.width, first.height)
+        return rotation, VideoInfo(int(count), fps, h, w, rotation)
+
+
+def _pyav_frames(path: str, wanted: list[int], rotation: int) -> Iterator[tuple[int, np.ndarray]]:
+    import av
+
+    targets = set(wanted)
+    last = max(wanted)
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in targets:
+                yield i, np.rot90(frame.to_ndarray(format="rgb24"), k=rotation // 90)
+            if i >= last:
+                break
+
+
+def video_clips(
+    path: str, cfg: IngestConfig
+) -> tuple[VideoInfo, Iterator[tuple[int, list[int], np.ndarray]]]:
+    """(info, iterator of (clip index, source frame indices, (T, 3, H, W) uint8 Lab))."""
+    rotation, info = _probe(path)
+    offsets = cfg.offsets
+    if info is not None:  # rotated: PyAV decodes, sequentially
+        starts = clip_starts(info.num_frames, cfg)
+        if not starts:
+            raise SkipVideo(f"too short: {info.num_frames} frames < clip span {cfg.span}")
+
+        def rotated() -> Iterator[tuple[int, list[int], np.ndarray]]:
+            wanted = sorted({s + o for s in starts for o in offsets})
+            frames = dict(_pyav_frames(path, wanted, rotation))
+            for ci, s in enumerate(starts):
+                idx = [s + o for o in offsets]
+                if any(i not in frames for i in idx):
+                    raise ValueError(f"decoded {len(frames)} frames, clip {ci} needs {idx}")
+                rgb = np.stack([resize_frame(frames[i], cfg.size, cfg.resize) for i in idx])
+                yield ci, idx, rgb_to_stored_lab(rgb)
+
+        return info, rotated()
+
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads)
+    num_frames = len(reader)
+    first = reader[0].shape
+    info = VideoInfo(num_frames, float(reader.get_avg_fps()), int(first[0]), int(first[1]), 0)
+    starts = clip_starts(num_frames, cfg)
+    if not starts:
+        del reader
+        raise SkipVideo(f"too short: {num_frames} frames < clip span {cfg.span}")
+
+    def decoded() -> Iterator[tuple[int, list[int], np.ndarray]]:
+        nonlocal reader
+        try:
+            for ci, s in enumerate(starts):
+                idx = [s + o for o in offsets]
+                batch = reader.get_batch(idx).asnumpy()  # (T, h, w, 3) uint8 RGB
+                rgb = np.stack([resize_frame(f, cfg.size, cfg.resize) for f in batch])
+                yield ci, idx, rgb_to_stored_lab(rgb)
+        finally:
+            del reader  # free the decoder (and its threads) before the next video
+
+    return info, decoded()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _ingest_video(url: str, cfg: IngestConfig, tar: tarfile.TarFile) -> dict[str, Any]:
+    vid = video_id(url)
+    entry: dict[str, Any] = {"path": url, "id": vid, "status": "ok", "clips": 0, "message": ""}
+    try:
+        fs, fpath = storage.get_fs(url)
+        if not fs.exists(fpath):
+            raise FileNotFoundError(f"no such file: {url}")
+        if fs.size(fpath) == 0:
+            raise ValueError("empty file (0 bytes)")
+        with storage.local_copy(url) as local:
+            info, clips = video_clips(local, cfg)
+            entry.update(frames=info.num_frames, fps=info.fps, size=[info.height, info.width])
+            if info.rotation:
+                entry["rotation"] = info.rotation
+            members = []  # buffered: a video that fails mid-way adds no partial samples
+            try:
+                for ci, idx, lab in clips:
+                    key = f"{vid}_c{ci:04d}"
+                    ext, data = encode_clip(lab, cfg.storage, cfg.quality)
+                    record = {
+                        "key": key, "source": url, "clip_index": ci, "frame_indices": idx,
+                        "fps": info.fps, "original_size": [info.height, info.width],
+                        "rotation": info.rotation, "num_source_frames": info.num_frames,
+                        "shape": list(lab.shape), "storage": cfg.storage,
+                    }  # fmt: skip
+                    members.append((f"{key}.json", json.dumps(record, sort_keys=True).encode()))
+                    members.append((f"{key}.{ext}", data))
+            except Exception as e:  # a decode error mid-video: keep the clips before it
+                if not members:
+                    raise
+                entry["message"] = (
+                    f"stopped after {len(members) // 2} clips: {type(e).__name__}: {e}"
+                )
+            for name, data in members:
+                _add(tar, name, data)
+            entry["clips"] = len(members) // 2
+    except SkipVideo as e:
+        entry.update(status="skipped", message=str(e))
+    except Exception as e:  # task boundary for one video: record, never fail the shard
+        entry.update(status="failed", message=f"{type(e).__name__}: {e}"[:500])
+    return entry
+
+
+def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    """Write one shard and its stats file; returns the stats plus `seconds` (not stored)."""
+    cfg = from_dict(IngestConfig, cfg_dict)
+    start = time.perf_counter()
+    videos: list[dict[str, Any]] = []
+    digest = hashlib.sha256()
+    size = 0
+
+    def write(f: Any) -> None:
+        nonlocal size
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for url in spec.videos:
+                videos.append(_ingest_video(url, cfg, tar))
+
+    class Hashing:  # hash and count while writing, no second read
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def tell(self) -> int:
+            return size
+
+        def write(self, b: Any) -> int:
+            nonlocal size
+            digest.update(b)
+            size += len(b)
+            return self.inner.write(b)
+
+    storage.atomic_write(spec.tar_url, lambda f: write(Hashing(f)))
+    clips = sum(v["clips"] for v in videos)
+    stats = {
+        "shard": spec.name,
+        "index": spec.index,
+        "num_samples": clips,
+        "num_frames": clips * len(cfg.offsets),
+        "bytes": size,
+        "sha256": digest.hexdigest(),
+        "config_hash": config_hash(cfg),
+        "videos": videos,
+    }
+    # The done marker, last. Deterministic content: no timings (those go to the driver).
+    storage.atomic_write_bytes(spec.stats_url, json.dumps(stats, indent=1, sort_keys=True).encode())
+    return {**stats, "seconds": time.perf_counter() - start}
