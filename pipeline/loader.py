@@ -1,0 +1,338 @@
+"""Training loader over ingest shards (WebDataset tars of stored-Lab clips).
+
+    loader = make_train_loader("s3://b/shards/manifest.json", cfg, rank=r, world_size=w, seed=0)
+    for step, batch in zip(range(num_steps), loader): ...
+
+Batches: {"frames": uint8 (B, K, 3, crop, crop) stored Lab, references first, target last;
+          "gaps": int64 (B, K-1) source frames from each reference to the target;
+          "keys": list[str] sample keys}. The model normalises (model.colour.normalise_lab);
+uint8 keeps worker->trainer transfers 4x smaller than float.
+
+Two modes:
+- `make_train_loader` (resampled): every (rank, DataLoader worker) draws shards with
+  replacement, weighted by their sample counts, forever; the stream is infinite on every
+  rank, so every rank yields the same number of batches by construction (training takes
+  exactly N steps; no DDP hang on uneven shards). Seeded by (seed, rank, start_step, worker)
+  so a resumed run continues with fresh data.
+- `make_epoch_loader` (not resampled): the manifest's samples are split into `world_size`
+  contiguous ranges differing by at most one; shorter ranges are padded by repeating their
+  first samples, so every rank yields ceil(N / world_size) samples in ceil(that / B) batches,
+  and the ranks together see every sample at least once.
+
+Corrupt shards (unreadable tar) and corrupt clips are skipped with a warning and counted in
+`loader.stats` (shared across DataLoader workers); the epoch loader pads the batches that a
+corrupt shard leaves short, so the batch count stays equal on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import posixpath
+import random
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline import storage
+from pipeline.codec import CLIP_EXTENSIONS, ClipDecodeError, decode_clip
+from pipeline.config import LoaderConfig
+from pipeline.samples import UnusableClip, make_sample
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("samples", "corrupt_shards", "corrupt_samples", "unusable_samples", "padded")
+
+
+def resolve_source(source: str | list[str]) -> tuple[list[str], list[int] | None]:
+    """(shard URLs, samples per shard or None) from a manifest, a brace pattern or a list."""
+    if isinstance(source, str) and source.endswith(".json"):
+        manifest = json.loads(storage.read_text(source))
+        base = posixpath.dirname(source)
+        urls = [
+            n if "://" in n or n.startswith("/") else storage.join(base, n)
+            for n in manifest["shards"]
+        ]
+        return urls, list(manifest["samples_per_shard"])
+    if isinstance(source, str):
+        import braceexpand
+
+        return list(braceexpand.braceexpand(source)), None
+    return list(source), None
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, dict[str, Any], str, bytes]]:
+    """(key, record, clip extension, clip bytes) per sample; raises on a corrupt tar."""
+    fs, path = storage.get_fs(url)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        current: dict[str, Any] = {}
+        key = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.partition(".")
+            data = tar.extractfile(member).read()
+            if k != key:
+                if key is not None:
+                    yield _complete(key, current)
+                key, current = k, {}
+            current[ext] = data
+        if key is not None:
+            yield _complete(key, current)
+
+
+def _complete(key: str, members: dict[str, bytes]) -> tuple[str, dict[str, Any], str, bytes]:
+    ext = next((e for e in CLIP_EXTENSIONS if e in members), None)
+    if ext is None or "json" not in members:
+        raise ClipDecodeError(f"sample {key} lacks a clip or its json ({sorted(members)})")
+    return key, json.loads(members["json"]), ext, members[ext]
+
+
+class ClipStream(IterableDataset):
+    """Training samples from shards; see the module docstring for the two modes."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int] | None,
+        cfg: LoaderConfig,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int,
+        resampled: bool,
+    ) -> None:
+        if not urls:
+            raise ValueError("the loader source names no shards")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.urls, self.counts, self.cfg = urls, counts, cfg
+        self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
+        self.resampled = resampled
+        ctx = multiprocessing.get_context()
+        self.counters = {name: ctx.Value("q", 0) for name in COUNTERS}
+        self.plan = None if resampled else self._epoch_plan()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        with self.counters[name].get_lock():
+            self.counters[name].value += n
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {name: int(v.value) for name, v in self.counters.items()}
+
+    def _epoch_plan(self) -> list[tuple[str, list[int]]]:
+        """This rank's (shard URL, sample positions) pieces, padding included."""
+        counts = self.counts
+        if counts is None:  # no manifest: count by reading (slow for big corpora)
+            counts = []
+            for url in self.urls:
+                try:
+                    counts.append(sum(1 for _ in iter_shard(url)))
+                except (tarfile.TarError, OSError, ClipDecodeError) as e:
+                    log.warning("corrupt shard %s skipped in the epoch plan: %s", url, e)
+                    counts.append(0)
+        total = sum(counts)
+        per_rank = -(-total // self.world_size)
+        lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
+        mine = list(range(lo, hi))
+        mine += [mine[i % len(mine)] for i in range(per_rank - len(mine))] if mine else []
+        starts = np.cumsum([0, *counts])
+        pieces: dict[int, list[int]] = {}
+        for g in mine:
+            s = int(np.searchsorted(starts, g, side="right") - 1)
+            pieces.setdefault(s, []).append(g - int(starts[s]))
+        self.epoch_samples = per_rank
+        return [(self.urls[s], sorted(p)) for s, p in sorted(pieces.items())]
+
+    # -- iteration --------------------------------------------------------------------------
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _samples(self, url: str, positions: list[int] | None) -> Iterator[tuple[str, Any, Any]]:
+        wanted = None if positions is None else {p: positions.count(p) for p in set(positions)}
+        try:
+            for pos, (key, record, ext, data) in enumerate(iter_shard(url)):
+                if wanted is not None and pos not in wanted:
+                    continue
+                try:
+                    lab = decode_clip(ext, data, len(record["frame_indices"]))
+                except ClipDecodeError as e:
+                    self._count("corrupt_samples")
+                    log.warning("corrupt clip %s in %s skipped: %s", key, url, e)
+                    continue
+                for _ in range(1 if wanted is None else wanted[pos]):
+                    yield key, record, lab
+        except (tarfile.TarError, OSError, ClipDecodeError, EOFError) as e:
+            self._count("corrupt_shards")
+            log.warning("corrupt shard %s skipped (%s: %s)", url, type(e).__name__, e)
+
+    def _raw(self, rng: random.Random) -> Iterator[tuple[str, Any, Any]]:
+        worker, workers = self._worker()
+        if not self.resampled:
+            pieces = self.plan[worker::workers]
+            rng.shuffle(pieces)
+            for url, positions in pieces:
+                yield from self._samples(url, positions)
+            return
+        weights = self.counts or [1] * len(self.urls)
+        misses = 0
+        while True:
+            url = rng.choices(self.urls, weights=weights)[0]
+            got = 0
+            for item in self._samples(url, None):
+                got += 1
+                yield item
+            misses = 0 if got else misses + 1
+            if misses > 10 * len(self.urls):
+                raise RuntimeError(f"no sample could be read from {len(self.urls)} shards")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, _ = self._worker()
+        tag = f"{self.seed}-{self.rank}-{self.start_step}-{worker}"
+        rng = random.Random(tag)
+        nprng = np.random.default_rng(list(tag.encode()))
+        buffer: list[tuple[str, Any, Any]] = []
+        unusable = 0
+        for item in self._shuffled(self._raw(rng), rng, buffer):
+            key, record, lab = item
+            try:
+                frames, gaps = make_sample(lab, record["frame_indices"], self.cfg, nprng)
+            except UnusableClip as e:
+                self._count("unusable_samples")
+                unusable += 1
+                if unusable >= 1000 and self.resampled:
+                    raise UnusableClip(str(e)) from None
+                continue
+            unusable = 0
+            self._count("samples")
+            yield {"frames": torch.from_numpy(frames), "gaps": torch.from_numpy(gaps), "key": key}
+
+    def _shuffled(
+        self, items: Iterator[Any], rng: random.Random, buffer: list[Any]
+    ) -> Iterator[Any]:
+        size = self.cfg.shuffle_buffer
+        for item in items:
+            if size <= 1:
+                yield item
+                continue
+            buffer.append(item)
+            if len(buffer) >= size:
+                i = rng.randrange(len(buffer))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "frames": torch.stack([s["frames"] for s in samples]),  # (B, K, 3, h, w) uint8
+        "gaps": torch.stack([s["gaps"] for s in samples]),  # (B, K-1) int64
+        "keys": [s["key"] for s in samples],
+    }
+
+
+class TrainLoader:
+    """An iterable of batches with `stats` (counts of samples and skipped data)."""
+
+    def __init__(self, stream: ClipStream, cfg: LoaderConfig) -> None:
+        self.stream, self.cfg = stream, cfg
+        workers = cfg.num_workers
+        extra = {"prefetch_factor": cfg.prefetch_factor} if workers else {}
+        self.loader = DataLoader(
+            stream,
+            batch_size=cfg.batch_size if stream.resampled else None,
+            collate_fn=collate if stream.resampled else None,
+            num_workers=workers,
+            persistent_workers=False,
+            **extra,
+        )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self.stream.stats
+
+    def __len__(self) -> int:
+        if self.stream.resampled:
+            raise TypeError("the resampled training loader is infinite; take N steps from it")
+        return -(-self.stream.epoch_samples // self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.stream.resampled:
+            yield from self.loader
+            return
+        # Epoch mode: batch here, after the workers, so the batch count is exact on every rank.
+        B, remaining = self.cfg.batch_size, self.stream.epoch_samples
+        batch: list[dict[str, Any]] = []
+        pool: list[dict[str, Any]] = []  # early samples, reused if corrupt data leaves a gap
+        for sample in self.loader:
+            if remaining == 0:
+                break
+            batch.append(sample)
+            remaining -= 1
+            if len(pool) < B:
+                pool.append(sample)
+            if len(batch) == B or remaining == 0:
+                yield collate(batch)
+                batch = []
+        if remaining and pool:
+            log.warning("epoch short by %d samples (corrupt data); padding with repeats", remaining)
+            self.stream._count("padded", remaining)
+            while remaining:
+                batch.append(pool[remaining % len(pool)])
+                remaining -= 1
+                if len(batch) == B or remaining == 0:
+                    yield collate(batch)
+                    batch = []
+
+
+def make_train_loader(
+    source: str | list[str],
+    cfg: LoaderConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int = 0,
+) -> TrainLoader:
+    """Infinite resampled stream of training batches (module docstring).
+
+    With `cfg.resampled = False` this is `make_epoch_loader` with epoch = start_step.
+    """
+    if not cfg.resampled:
+        return make_epoch_loader(
+            source, cfg, rank=rank, world_size=world_size, seed=seed, epoch=start_step
+        )
+    urls, counts = resolve_source(source)
+    stream = ClipStream(
+        urls, counts, cfg, rank=rank, world_size=world_size, seed=seed,
+        start_step=start_step, resampled=True,
+    )  # fmt: skip
+    return TrainLoader(stream, cfg)
+
+
+def make_epoch_loader(
+    source: str | list[str],
+    cfg: LoaderConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int = 0,
+) -> TrainLoader:
+    """Every sample once per epoch, equal batch counts on every rank (module docstring)."""
+    urls, counts = resolve_source(source)
+    stream = ClipStream(
+        urls, counts, cfg, rank=rank, world_size=world_size, seed=seed,
+        start_step=epoch, resampled=False,
+    )  # fmt: skip
+    return TrainLoader(stream, cfg)
