@@ -1,0 +1,349 @@
+"""Train MAST with Ray Train (DDP) through one or more stages, tracked and registered in MLflow.
+
+    python -m jobs.train --config configs/train/pretrain.yaml --data runs/shards/manifest.json
+    python -m jobs.train --config configs/train/demo.yaml --stages pretrain,main,dynamic \\
+        --data runs/shards/manifest.json --run-name demo scaling.num_workers=2
+    ray job submit --working-dir . -- python -m jobs.train --stages pretrain,main,dynamic \\
+        --data s3://bucket/shards/manifest.json --run-name mast-v1 mlflow.tracking_uri=http://mlflow:5000
+
+Everything that can be checked is checked before Ray workers start: the config (typos name
+the allowed keys), the data (missing/empty manifest, unreadable shards are recorded and
+skipped), the tracking store (reachable, writable) and any checkpoint to resume or start
+from (same model config). Each stage is a Ray Train run named `<run_name>-<stage>` under
+`storage_path`; rerunning the same command resumes it from its latest checkpoint, and a
+stage that already finished (`stage_done.json`) is skipped. Each stage starts from the
+previous stage's final checkpoint and ends with a registered model version and the alias
+`<stage>-latest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.checkpoint import CheckpointError, check_compatible, load_latest_valid
+from jobs.config import ConfigError, config_help, flatten, to_dict
+from jobs.tracking import (
+    TrackingError,
+    check_reachable,
+    compute_example,
+    finish_run,
+    git_commit,
+    load_state,
+    log_dataset,
+    register_stage_model,
+    resolve_tracking_uri,
+    setup_runs,
+)
+from jobs.train_config import TrainConfig, load_stage_configs
+from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
+
+log = logging.getLogger("jobs.train")
+DONE_FILE = "stage_done.json"
+
+
+class TrainingError(RuntimeError):
+    """A stage could not finish; the message names the cause (the last checkpoint stays)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    uri: str  # what the user gave (manifest or shards)
+    shards: list[str]  # readable shard URLs handed to the loader
+    content_hash: str
+    num_samples: int
+    skipped: list[str]  # corrupt shards, recorded
+
+
+def _tar_ok(path: str) -> str:
+    """'' if `path` is a readable tar with at least one member, else the reason."""
+    try:
+        with tarfile.open(path) as tf:
+            if tf.next() is None:
+                return "empty tar"
+            for _ in tf:  # walks every header: a truncated or garbled shard fails here
+                pass
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def describe_data(data: str) -> DataInfo:
+    """Resolve --data into readable shards; clear errors for missing or empty data."""
+    if not data:
+        raise ConfigError(
+            "no training data: pass --data path/to/manifest.json (written by jobs.ingest)"
+        )
+    remote = "://" in data and not data.startswith("file://")
+    path = data.removeprefix("file://")
+    if not remote and os.path.isdir(path):
+        path = os.path.join(path, "manifest.json")
+    if path.endswith(".json"):
+        if remote:
+            import fsspec
+
+            with fsspec.open(path) as f:
+                manifest = json.load(f)
+        else:
+            if not os.path.isfile(path):
+                raise ConfigError(f"data manifest {path} does not exist; run jobs.ingest first")
+            try:
+                manifest = json.loads(Path(path).read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"data manifest {path} is not valid JSON ({e}); rerun jobs.ingest"
+                ) from e
+        base = path.rsplit("/", 1)[0]
+        shards = [
+            s if ("://" in s or s.startswith("/")) else f"{base}/{s}"
+            for s in manifest.get("shards", [])
+        ]
+        num_samples = int(manifest.get("num_samples", 0))
+        content_hash = str(manifest.get("content_hash", ""))
+        if not shards or num_samples <= 0:
+            raise ConfigError(
+                f"data manifest {path} lists {len(shards)} shards and {num_samples} samples: "
+                "nothing to train on (did ingest find any videos?)"
+            )
+    else:
+        import hashlib
+
+        shards = [s.strip() for s in data.split(",") if s.strip()]
+        num_samples = -1
+        content_hash = hashlib.sha256("\n".join(sorted(shards)).encode()).hexdigest()
+        path = data
+    skipped: list[str] = []
+    if not remote:
+        missing = [
+            s for s in shards if "{" not in s and not os.path.isfile(s.removeprefix("file://"))
+        ]
+        if missing:
+            raise ConfigError(f"data {path}: {len(missing)} shards missing, e.g. {missing[0]}")
+        good = []
+        for s in shards:
+            reason = _tar_ok(s.removeprefix("file://")) if "{" not in s else ""
+            if reason:
+                log.warning("corrupt shard %s skipped: %s", s, reason)
+                skipped.append(f"{s}: {reason}")
+            else:
+                good.append(s)
+        if not good:
+            raise ConfigError(f"data {path}: every shard is unreadable: {skipped}")
+        shards = good
+    return DataInfo(data, shards, content_hash or "unknown", num_samples, skipped)
+
+
+def _stage_dir(cfg: TrainConfig, run_name: str) -> Path:
+    return Path(cfg.storage_path) / f"{run_name}-{cfg.stage}"
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return dirs[-1] if dirs else None
+
+
+def preflight_checkpoints(cfg: TrainConfig, run_dir: Path, tracking_uri: str) -> None:
+    """Refuse a resume or init checkpoint from another model config before workers start."""
+    model_args = dataclasses.asdict(cfg.model)
+    latest = _latest_checkpoint(run_dir)
+    if latest is not None:
+        state, used, _ = load_latest_valid(latest)
+        check_compatible(state, model_args, str(used))
+    elif cfg.checkpoint.init_from:
+        try:
+            state = load_state(cfg.checkpoint.init_from, tracking_uri)
+        except (OSError, CheckpointError) as e:
+            raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from!r}: {e}") from e
+        check_compatible(state, model_args, cfg.checkpoint.init_from)
+
+
+def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str, run_id: str):
+    """One Ray Train fit; returns (final checkpoint dir, final metrics)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir = _stage_dir(cfg, run_name)
+    local_mode = cfg.scaling.num_workers == 0
+    use_gpu = cfg.scaling.use_gpu == "true" or (
+        cfg.scaling.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
+    latest = _latest_checkpoint(run_dir)
+    loop_config = {
+        "train": to_dict(cfg),
+        "source": data.shards,
+        "run_dir": str(run_dir),
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "local_mode": local_mode,
+        # Ray restores its own runs; local mode (num_workers=0) does not persist, we do.
+        "resume_from": str(latest) if (local_mode and latest) else None,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise TrainingError(f"stage {cfg.stage} failed: {result.error}") from result.error
+    metrics = result.metrics or {}
+    if metrics.get("error"):
+        raise TrainingError(
+            f"stage {cfg.stage} stopped: {metrics['error']}; the last good checkpoint stays in "
+            f"{run_dir} (lower optim.lr or set optim.grad_clip, then rerun the same command)"
+        )
+    final = _latest_checkpoint(run_dir)
+    if result.checkpoint is not None and not local_mode:
+        final = Path(result.checkpoint.path)
+    if final is None:
+        raise TrainingError(f"stage {cfg.stage} ended without a checkpoint in {run_dir}")
+    return final, metrics
+
+
+def register(cfg: TrainConfig, final: Path, run_name: str, data: DataInfo, uri: str, run_id: str):
+    state, _, _ = load_latest_valid(final)
+    example_input = torch.load(final / EXAMPLE_INPUT_FILE, map_location="cpu", weights_only=True)
+    from model import MAST
+
+    example = compute_example(
+        MAST.from_state(state), example_input["frames"], example_input["gaps"], cfg.seed
+    )
+    tags = {
+        "stage": cfg.stage,
+        "git_commit": git_commit(),
+        "data_hash": data.content_hash,
+        "final_loss": f"{state.get('metrics', {}).get('loss', float('nan')):.6g}",
+        "run_name": run_name,
+        "step": str(state["step"]),
+    }
+    return register_stage_model(
+        uri=uri,
+        run_id=run_id,
+        model_name=cfg.mlflow.registered_model,
+        stage=cfg.stage,
+        state=state,
+        example=example,
+        tags=tags,
+    )
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the requested stages; returns {stage: {"checkpoint", "version", "metrics"}}."""
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.insert(0, f"data={args.data}")
+    if args.run_name:
+        overrides.insert(0, f"run_name={args.run_name}")
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    cfgs = load_stage_configs(args.config, stages, overrides)
+    first = cfgs[0]
+    data = describe_data(first.data)
+    uri = resolve_tracking_uri(first.mlflow.tracking_uri)
+    check_reachable(uri)
+    run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")
+    runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
+    for c in cfgs:
+        log_dataset(uri, runs.child_run_ids[c.stage], data.uri, data.content_hash, data.num_samples)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    outputs: dict[str, Any] = {}
+    previous: str | None = None
+    for cfg in cfgs:
+        run_dir = _stage_dir(cfg, run_name)
+        done_file = run_dir / DONE_FILE
+        if done_file.exists():
+            outputs[cfg.stage] = json.loads(done_file.read_text())
+            previous = outputs[cfg.stage]["checkpoint"]
+            log.info("stage %s already finished (%s); skipping", cfg.stage, done_file)
+            continue
+        if previous and not cfg.checkpoint.init_from:
+            cfg = dataclasses.replace(
+                cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=previous)
+            )
+        preflight_checkpoints(cfg, run_dir, uri)
+        child = runs.child_run_ids[cfg.stage]
+        log.info(
+            "stage %s: %d steps on %d workers -> %s",
+            cfg.stage,
+            cfg.schedule.steps,
+            cfg.scaling.num_workers,
+            run_dir,
+        )
+        try:
+            final, metrics = run_stage(cfg, run_name, data, uri, child)
+        except Exception:
+            finish_run(uri, child, "FAILED")
+            finish_run(uri, runs.parent_run_id, "FAILED")
+            raise
+        version = register(cfg, final, run_name, data, uri, child) if cfg.mlflow.register else None
+        finish_run(uri, child)
+        outputs[cfg.stage] = {
+            "checkpoint": str(final),
+            "version": version,
+            "metrics": metrics,
+            "run_id": child,
+        }
+        done_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(outputs[cfg.stage], default=str))
+        os.replace(tmp, done_file)
+        previous = str(final)
+    finish_run(uri, runs.parent_run_id)
+    return outputs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.train",
+        description="Train MAST with Ray Train through one or more stages (see module docstring).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (key=value overrides, defaults shown):\n" + config_help(TrainConfig),
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="stage or multi-stage YAML (default: configs/train/<stage>.yaml)",
+    )
+    parser.add_argument("--data", default="", help="manifest.json (or its directory) or shard URLs")
+    parser.add_argument("--stages", default="", help="comma list, e.g. pretrain,main,dynamic")
+    parser.add_argument("--run-name", default="", help="the same name resumes an interrupted run")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        out = main(parse_args())
+    except (ConfigError, CheckpointError, TrackingError, TrainingError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(
+        json.dumps(
+            {k: {"version": v["version"], "checkpoint": v["checkpoint"]} for k, v in out.items()}
+        )
+    )
