@@ -1,0 +1,91 @@
+"""Typed configuration of `jobs.evaluate` (DAVIS-2017 semi-supervised evaluation).
+
+    cfg = load_config(EvalConfig, "configs/eval/default.yaml", ["ray.max_in_flight=4"])
+
+The command-line flags of jobs.evaluate (--split, --sequences, --output) override these keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jobs.config import ConfigError, choice, positive
+
+SPLITS = ("train", "val", "test-dev", "test-challenge")
+
+
+@dataclasses.dataclass(frozen=True)
+class PropagationConfig:
+    """The test-time memory (MAST_NOTES "Test-time memory"); passed to `MAST.propagate`."""
+
+    radius: int | None = None  # window radius; None = the model's test_radius (12)
+    long_term: tuple[int, ...] = (0, 5)  # absolute frames always in memory
+    short_term: tuple[int, ...] = (1, 3, 5)  # offsets back from the current frame
+    max_objects: int | None = None  # label channels; None = largest first-frame id + 1
+    torch_threads: int = 1  # intra-op threads per task (same in Ray and local runs)
+
+    def validate(self) -> None:
+        if self.radius is not None:
+            positive(self.radius, "propagation.radius")
+        if not self.short_term:
+            raise ConfigError("propagation.short_term must name at least one offset, e.g. [1]")
+        for i, s in enumerate(self.short_term):
+            positive(s, f"propagation.short_term[{i}]")
+        for i, t in enumerate(self.long_term):
+            positive(t, f"propagation.long_term[{i}]", allow_zero=True)
+        if self.max_objects is not None:
+            positive(self.max_objects - 1, "propagation.max_objects - 1")
+        positive(self.torch_threads, "propagation.torch_threads")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayEvalConfig:
+    """One Ray task per sequence, at most `max_in_flight` at once."""
+
+    enabled: bool = True  # false: the same per-sequence function runs in this process
+    address: str | None = None  # None: join a running cluster or start a local one
+    max_in_flight: int = 2
+    num_cpus: float = 1.0  # per task
+    num_gpus: float = 0.0  # per task
+    memory_gb: float = 0.0  # per task, reserved in Ray's scheduler; 0 = no reservation
+    max_retries: int = 2  # retries after a worker crash (system failures, not bad input)
+
+    def validate(self) -> None:
+        positive(self.max_in_flight, "ray.max_in_flight")
+        positive(self.num_cpus, "ray.num_cpus", allow_zero=True)
+        positive(self.num_gpus, "ray.num_gpus", allow_zero=True)
+        positive(self.memory_gb, "ray.memory_gb", allow_zero=True)
+        positive(self.max_retries, "ray.max_retries", allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalMlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or the embedded SQLite store
+    experiment: str = "mast-eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    split: str = "val"
+    sequences: tuple[str, ...] = ()  # empty = every sequence of ImageSets/2017/<split>.txt
+    output: str = "runs/eval"  # results root: <output>/<seq>/00000.png + the two CSVs
+    resolution: str = "480p"
+    device: Literal["cpu", "cuda"] = "cpu"
+    ignore_void: bool = False  # false = the official tool's numbers (void counts as background)
+    bound_th: float = 0.008  # F tolerance: fraction of the diagonal (>= 1: pixels)
+    overlay: Literal["gif", "strip", "none"] = "gif"
+    overlay_frames: int = 8  # frames shown per sequence picture
+    overlay_width: int = 320  # picture width per frame, pixels
+    propagation: PropagationConfig = dataclasses.field(default_factory=PropagationConfig)
+    ray: RayEvalConfig = dataclasses.field(default_factory=RayEvalConfig)
+    mlflow: EvalMlflowConfig = dataclasses.field(default_factory=EvalMlflowConfig)
+
+    def validate(self) -> None:
+        choice(self.split, SPLITS, "split")
+        positive(self.bound_th, "bound_th")
+        positive(self.overlay_frames, "overlay_frames")
+        positive(self.overlay_width, "overlay_width")
+        if len(set(self.sequences)) != len(self.sequences):
+            raise ConfigError(f"sequences={list(self.sequences)} names a sequence twice")

@@ -1,0 +1,183 @@
+"""One DAVIS sequence: read, propagate the first mask with MAST, write the results, score.
+
+`evaluate_sequence_files` is the unit of work of jobs.evaluate: a Ray task per sequence, or a
+plain call when Ray is off (the same function, so both give identical numbers). Bad input
+(missing frames or annotations, size mismatch, no objects, ids beyond the model's label
+channels, more predicted objects than GT) becomes a failed `SequenceResult` naming the file
+and the fix; it never stops the other sequences.
+
+Shapes: images (T, H, W, 3) uint8 RGB; gt / pred (T, H, W) uint8 ids; frames for the model
+(T, 3, H, W) stored uint8 Lab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jobs.config import from_dict
+from jobs.davis_io import (
+    DAVIS_PALETTE,
+    DavisError,
+    atomic_path,
+    read_sequence,
+    sequence_files,
+    write_mask,
+)
+from jobs.davis_metrics import MetricError, ObjectScore, evaluate_sequence, num_objects
+from jobs.eval_config import EvalConfig, PropagationConfig
+from model.colour import quantise_lab, rgb_to_lab
+
+log = logging.getLogger(__name__)
+
+OVERLAY_DIR = "_overlays"  # beside the sequence folders; the official reader ignores it
+
+
+@dataclasses.dataclass
+class SequenceResult:
+    name: str
+    status: str  # "ok" or "failed"
+    error: str = ""
+    objects: list[ObjectScore] = dataclasses.field(default_factory=list)
+    num_frames: int = 0
+    height: int = 0
+    width: int = 0
+    seconds: float = 0.0
+    overlay: str = ""  # path of the sequence picture, "" if none
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def stored_lab(images: np.ndarray) -> torch.Tensor:
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) stored uint8 Lab (the shards' format)."""
+    rgb = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    return quantise_lab(rgb_to_lab(rgb))
+
+
+def check_labels(name: str, first_mask: np.ndarray, cfg: PropagationConfig) -> None:
+    """Reject what propagation cannot represent, before spending time on it."""
+    k = num_objects(first_mask)
+    if k == 0:
+        raise DavisError(
+            f"{name}: the first annotation has no object (ids 1..254); nothing to track"
+        )
+    if cfg.max_objects is not None and k >= cfg.max_objects:
+        raise DavisError(
+            f"{name}: object id {k} in the first annotation needs {k + 1} label channels but "
+            f"propagation.max_objects={cfg.max_objects}; raise it or remap the ids"
+        )
+
+
+def predict(
+    model: torch.nn.Module, images: np.ndarray, first_mask: np.ndarray, cfg: PropagationConfig
+) -> np.ndarray:
+    """(T, H, W) uint8 predicted ids; frame 0 is the ground truth (as DAVIS results are)."""
+    device = next(model.parameters()).device
+    frames = stored_lab(images).to(device)
+    labels = model.propagate(
+        frames,
+        torch.from_numpy(first_mask.astype(np.int64)).to(device),
+        max_objects=cfg.max_objects,
+        radius=cfg.radius,
+        long_term=cfg.long_term,
+        short_term=cfg.short_term,
+    )
+    pred = labels.cpu().numpy().astype(np.uint8)
+    pred[0] = first_mask
+    return pred
+
+
+def blend(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Object ids painted in DAVIS colours over an RGB frame; background and void untouched."""
+    palette = np.array(DAVIS_PALETTE, np.float32).reshape(256, 3)
+    paint = (labels > 0) & (labels != 255)
+    out = image.astype(np.float32)
+    out[paint] = (1 - alpha) * out[paint] + alpha * palette[labels[paint]]
+    return out.round().astype(np.uint8)
+
+
+def write_overlay(
+    path: Path, images: np.ndarray, gt: np.ndarray, pred: np.ndarray, cfg: EvalConfig
+) -> Path:
+    """Ground truth (top) over prediction (bottom) for a few frames: a GIF or a PNG strip."""
+    t = images.shape[0]
+    picks = np.unique(np.linspace(0, t - 1, min(t, cfg.overlay_frames)).round().astype(int))
+    h, w = images.shape[1:3]
+    size = (cfg.overlay_width, max(1, round(h * cfg.overlay_width / w)))
+    panels = []
+    for i in picks:
+        pair = np.concatenate([blend(images[i], gt[i]), blend(images[i], pred[i])], axis=0)
+        panels.append(Image.fromarray(pair).resize((size[0], 2 * size[1]), Image.BILINEAR))
+    path = path.with_suffix(".gif" if cfg.overlay == "gif" else ".png")
+    with atomic_path(path) as tmp:
+        if cfg.overlay == "gif":
+            panels[0].save(
+                tmp, format="GIF", save_all=True, append_images=panels[1:], duration=250, loop=0
+            )
+        else:
+            strip = np.concatenate([np.asarray(p) for p in panels], axis=1)
+            Image.fromarray(strip).save(tmp, format="PNG")
+    return path
+
+
+def evaluate_sequence_files(
+    model: torch.nn.Module, root: str | Path, name: str, output: str | Path, cfg: EvalConfig
+) -> SequenceResult:
+    """Read, predict, write <output>/<name>/<frame>.png, score; bad input -> failed result."""
+    start = time.perf_counter()
+    result = SequenceResult(name, "ok")
+    try:
+        files = sequence_files(root, name, cfg.resolution)
+        images, gt = read_sequence(files)
+        result.num_frames, result.height, result.width = gt.shape
+        if len(files.images) < 3:
+            raise DavisError(f"{name}: {len(files.images)} frames; DAVIS scoring needs >= 3")
+        check_labels(name, gt[0], cfg.propagation)
+        pred = predict(model, images, gt[0], cfg.propagation)
+        out_dir = Path(output) / name
+        for frame_id, labels in zip(files.frame_ids, pred):
+            write_mask(out_dir / f"{frame_id}.png", labels)
+        stale = {p for p in out_dir.glob("*.png")} - {out_dir / f"{i}.png" for i in files.frame_ids}
+        for p in stale:  # results of an earlier, longer sequence of the same name
+            p.unlink()
+        result.objects = evaluate_sequence(
+            name, gt, pred, ignore_void=cfg.ignore_void, bound_th=cfg.bound_th
+        )
+        if cfg.overlay != "none":
+            path = write_overlay(Path(output) / OVERLAY_DIR / name, images, gt, pred, cfg)
+            result.overlay = str(path)
+    except (DavisError, MetricError, ValueError) as e:
+        result.status, result.error = "failed", str(e)
+        log.warning("sequence %s failed: %s", name, e)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_sequence_task(
+    state: dict[str, Any], root: str, name: str, output: str, cfg_dict: dict[str, Any]
+) -> SequenceResult:
+    """Task boundary (Ray or local): build the model from its checkpoint dict and evaluate one
+    sequence. Any unexpected error is recorded in the result, never raised."""
+    from model import MAST
+
+    cfg = from_dict(EvalConfig, cfg_dict)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.propagation.torch_threads)
+    try:
+        model = MAST.from_state(state).eval().to(cfg.device)
+        return evaluate_sequence_files(model, root, name, output, cfg)
+    except Exception as e:  # noqa: BLE001 - task boundary: record, let other sequences run
+        log.error("sequence %s crashed:\n%s", name, traceback.format_exc())
+        return SequenceResult(name, "failed", error=f"{type(e).__name__}: {e}")
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,292 @@
+"""Evaluate a MAST model on DAVIS-2017 (semi-supervised) with the official J&F protocol.
+
+    python -m jobs.evaluate --model models:/mast@champion --davis-root /data/DAVIS \
+        [--split val] [--sequences bear,bmx-trees] [--output runs/eval] [--promote champion]
+    ray job submit --working-dir . -- python -m jobs.evaluate \
+        --model models:/mast/3 --davis-root /data/DAVIS --config configs/eval/default.yaml
+
+Shape of the job (img2dataset-style): the driver resolves the model once (a checkpoint dict in
+Ray's object store), then runs one Ray task per sequence with a bounded number in flight; each
+task predicts, writes `<output>/<seq>/<frame>.png` (indexed, DAVIS palette, frame 0 = the
+ground truth), scores and draws a picture, and returns a small result. Failed sequences are
+recorded with their reason and the rest are still scored. The driver then recomputes both
+official CSVs (never reuses stale ones), logs an MLflow evaluation run linked to the model
+version, tags the version, optionally promotes an alias, and writes `summary.json` last as
+the completion marker. With `ray.enabled=false` the same per-sequence function runs in this
+process: the numbers are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from jobs.config import config_help, load_config, to_dict
+from jobs.davis_io import DavisError, atomic_path, read_split, write_results_csvs
+from jobs.davis_metrics import global_scores
+from jobs.eval_config import EvalConfig
+from jobs.eval_sequence import SequenceResult, run_sequence_task
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(RuntimeError):
+    """The whole evaluation cannot run (unreadable model, no DAVIS root); says how to fix it."""
+
+
+def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
+    """The checkpoint dict behind a models:/, runs:/ URI or a local checkpoint path."""
+    from jobs.tracking import load_state
+
+    try:
+        return load_state(uri, tracking_uri or None)
+    except Exception as e:  # noqa: BLE001 - registry, download and unpickling errors alike
+        raise EvalError(
+            f"cannot load model {uri!r} ({type(e).__name__}: {e}); pass models:/name@alias, "
+            "models:/name/N, runs:/<run_id>/model or a checkpoint path written by jobs.train"
+        ) from e
+
+
+def resolve_sequences(root: str | Path, cfg: EvalConfig) -> tuple[list[str], int]:
+    """Names to evaluate (cfg.sequences, else the split file) and the split's size."""
+    if not Path(root).is_dir():
+        raise EvalError(f"--davis-root {root} is not a directory")
+    try:
+        split = read_split(root, cfg.split)
+    except DavisError as e:
+        if not cfg.sequences:
+            raise EvalError(str(e)) from e
+        split = []
+    names = list(cfg.sequences) or split
+    if not names:
+        raise EvalError(f"no sequences to evaluate in {root} (split {cfg.split})")
+    return names, len(split)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fan-out
+
+
+def run_local(
+    state, root, names, output, cfg, progress: Callable[[], None]
+) -> list[SequenceResult]:
+    results = []
+    for name in names:
+        results.append(run_sequence_task(state, str(root), name, str(output), to_dict(cfg)))
+        progress()
+    return results
+
+
+def run_ray(state, root, names, output, cfg, progress: Callable[[], None]) -> list[SequenceResult]:
+    """One task per sequence, at most ray.max_in_flight at once; results in `names` order."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
+    options: dict[str, Any] = {
+        "num_cpus": cfg.ray.num_cpus,
+        "num_gpus": cfg.ray.num_gpus,
+        "max_retries": cfg.ray.max_retries,
+    }
+    if cfg.ray.memory_gb > 0:
+        options["memory"] = int(cfg.ray.memory_gb * 2**30)
+    task = ray.remote(run_sequence_task).options(**options)
+    state_ref = ray.put(state)  # shipped once, shared by every task on a node
+    cfg_dict = to_dict(cfg)
+    queue, pending, done = list(names), {}, {}
+    while queue or pending:
+        while queue and len(pending) < cfg.ray.max_in_flight:
+            name = queue.pop(0)
+            pending[task.remote(state_ref, str(root), name, str(output), cfg_dict)] = name
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(ready[0])
+        try:
+            done[name] = ray.get(ready[0])
+        except ray.exceptions.RayError as e:  # worker died after all retries
+            done[name] = SequenceResult(name, "failed", error=f"Ray task failed: {e}"[:2000])
+        progress()
+    return [done[n] for n in names]
+
+
+def run_sequences(state, root, names, output, cfg: EvalConfig) -> list[SequenceResult]:
+    with tqdm(total=len(names), desc="DAVIS sequences", unit="seq") as bar:
+        runner = run_ray if cfg.ray.enabled else run_local
+        return runner(state, root, names, output, cfg, lambda: bar.update(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def summarise(results: list[SequenceResult], cfg: EvalConfig, root, split_size: int) -> dict:
+    scored = [r for r in results if r.ok]
+    full = not cfg.sequences and len(scored) == split_size and split_size > 0
+    return {
+        "split": cfg.split,
+        "davis_root": str(Path(root).absolute()),
+        "scored": len(scored),
+        "requested": len(results),
+        "scope": "full" if full else f"partial {len(scored)}/{split_size}",
+        "failed": [{"sequence": r.name, "error": r.error} for r in results if not r.ok],
+        "sequences": [
+            {
+                "sequence": r.name,
+                "status": r.status,
+                "frames": r.num_frames,
+                "objects": len(r.objects),
+                "seconds": round(r.seconds, 3),
+            }
+            for r in results
+        ],
+    }
+
+
+def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: str = "") -> dict:
+    """Run the whole evaluation; returns the summary (also written to <output>/summary.json)."""
+    output = Path(cfg.output).absolute()
+    names, split_size = resolve_sequences(davis_root, cfg)
+    tracking_uri = ""
+    if cfg.mlflow.enabled:
+        from jobs.tracking import resolve_tracking_uri
+
+        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = ref = None
+    try:
+        if cfg.mlflow.enabled:
+            from mlflow.tracking import MlflowClient
+
+            from jobs.eval_mlflow import resolve_model_ref
+
+            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            try:
+                ref = resolve_model_ref(client, model_uri)
+            except Exception as e:  # noqa: BLE001 - unknown name/alias/version
+                raise EvalError(f"cannot resolve model {model_uri!r} in {tracking_uri}: {e}") from e
+        if promote and (ref is None or not ref.name):
+            raise EvalError(
+                f"--promote {promote} needs a registered model URI (models:/name/N or "
+                f"models:/name@alias) and MLflow enabled, got {model_uri!r}"
+            )
+        state = load_model_state(model_uri, tracking_uri)
+    except EvalError as e:
+        if cfg.mlflow.enabled:
+            from jobs.eval_mlflow import log_failed_run
+
+            log_failed_run(tracking_uri, cfg.mlflow.experiment, model_uri, str(e))
+        raise
+    log.info(
+        "evaluating %s on %d sequences of %s (%s)", model_uri, len(names), davis_root, cfg.split
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "summary.json").unlink(missing_ok=True)  # the marker goes last
+    results = run_sequences(state, Path(davis_root).absolute(), names, output, cfg)
+    summary = summarise(results, cfg, davis_root, split_size)
+    objects = [o for r in results if r.ok for o in r.objects]
+    scores = global_scores(objects) if objects else None
+    artifacts = list(write_results_csvs(output, cfg.split, objects)) if objects else []
+    for path in (
+        output / f"global_results-{cfg.split}.csv",
+        output / f"per-sequence_results-{cfg.split}.csv",
+    ):
+        if not objects:
+            path.unlink(missing_ok=True)  # never leave stale numbers beside a failed run
+    summary["scores"] = scores
+    if cfg.mlflow.enabled:
+        from jobs.eval_mlflow import log_evaluation, tag_model_version
+        from jobs.eval_mlflow import promote as promote_alias
+
+        overlays = [Path(r.overlay) for r in results if r.overlay]
+        run_id = log_evaluation(
+            tracking_uri=tracking_uri, experiment=cfg.mlflow.experiment, ref=ref, cfg=cfg,
+            summary=summary, scores=scores, objects=objects, artifacts=artifacts, overlays=overlays,
+        )  # fmt: skip
+        summary["mlflow_run_id"] = run_id
+        if ref.name and scores is not None:
+            tag_model_version(client, ref, cfg.split, scores, summary["scope"], run_id)
+        if promote:
+            jf = scores["J&F-Mean"] if scores else float("-inf")
+            decision = promote_alias(client, ref, promote, cfg.split, jf, summary["scope"], run_id)
+            summary["promotion"] = dataclasses.asdict(decision)
+    report(summary)
+    with atomic_path(output / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def report(summary: dict) -> None:
+    scores = summary["scores"]
+    if scores:
+        log.info(
+            "J&F %.3f  J %.3f  F %.3f  (%d/%d sequences)",
+            scores["J&F-Mean"],
+            scores["J-Mean"],
+            scores["F-Mean"],
+            summary["scored"],
+            summary["requested"],
+        )
+    if summary["failed"]:
+        log.error("%d sequence(s) FAILED:", len(summary["failed"]))
+        for f in summary["failed"]:
+            log.error("  %s: %s", f["sequence"], f["error"])
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Score a MAST model on DAVIS-2017 with the official J&F protocol.",
+        epilog="config keys (override with key=value, e.g. ray.max_in_flight=4):\n"
+        + config_help(EvalConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/name@alias, models:/name/N, runs:/... or a checkpoint path",
+    )
+    parser.add_argument(
+        "--davis-root", required=True, help="folder with JPEGImages/, Annotations/, ImageSets/"
+    )
+    parser.add_argument("--split", default=None, help="ImageSets/2017/<split>.txt (default: val)")
+    parser.add_argument(
+        "--sequences", default=None, help="comma-separated subset (default: the whole split)"
+    )
+    parser.add_argument("--output", default=None, help="results folder (default: runs/eval)")
+    parser.add_argument(
+        "--promote", default="", help="move this alias to the model if its J&F beats the holder's"
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML of EvalConfig keys, e.g. configs/eval/default.yaml"
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict:
+    overrides = list(args.overrides)
+    if args.split:
+        overrides.append(f"split={args.split}")
+    if args.sequences:
+        overrides.append(f"sequences=[{args.sequences}]")
+    if args.output:
+        overrides.append(f"output={args.output}")
+    cfg = load_config(EvalConfig, args.config, overrides)
+    return evaluate(args.model, args.davis_root, cfg, promote=args.promote)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        result = main(parse_args())
+    except EvalError as e:
+        log.error("%s", e)
+        sys.exit(2)
+    sys.exit(0 if result["scores"] is not None else 1)
