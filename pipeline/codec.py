@@ -63,6 +63,28 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], policy: str) -> np.nd
     return np.ascontiguousarray(frame[top : top + out_h, left : left + out_w])
 
 
+# PNG goes through Pillow, not OpenCV: decord's bundled libpng/zlib, when decord is imported
+# before cv2, breaks OpenCV's PNG codec in that process ("bad parameters to zlib").
+def _png_encode(planes: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(planes).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def _png_decode(data: bytes) -> np.ndarray | None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode != "L":
+                return None
+            return np.asarray(img).copy()
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
 def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, bytes]:
     """(T, 3, H, W) uint8 stored Lab -> (member extension, bytes)."""
     if lab.dtype != np.uint8 or lab.ndim != 4 or lab.shape[1] != 3:
@@ -76,7 +98,7 @@ def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, 
     if storage == "jpeg":
         ok, data = cv2.imencode(".jpg", planes, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     elif storage == "png":
-        ok, data = cv2.imencode(".png", planes, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+        return EXTENSIONS["png"], _png_encode(planes)
     else:
         raise ValueError(f"storage={storage!r}; choose one of {list(EXTENSIONS)}")
     if not ok:
@@ -92,7 +114,10 @@ def decode_clip(ext: str, data: bytes, num_frames: int) -> np.ndarray:
         except (ValueError, OSError, EOFError) as e:
             raise ClipDecodeError(f"raw clip does not load: {e}") from None
     elif ext in (EXTENSIONS["jpeg"], EXTENSIONS["png"]):
-        planes = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+        if ext == EXTENSIONS["png"]:
+            planes = _png_decode(data)
+        else:
+            planes = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
         if planes is None or planes.shape[0] % (3 * num_frames):
             raise ClipDecodeError(f"{ext} clip of {len(data)} bytes does not decode to planes")
         H = planes.shape[0] // (3 * num_frames)

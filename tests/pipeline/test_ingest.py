@@ -1,0 +1,198 @@
+"""Ingest on a local Ray instance: real sample videos plus PyAV edge cases, accounting,
+Lab values against the independent conversion in model.colour, metadata, resume and append."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+import decord
+import numpy as np
+import pytest
+import torch
+from ingest_media import edge_case_dir
+
+from jobs.config import from_dict
+from jobs.ingest import ingest
+from model.colour import quantise_lab, rgb_to_lab
+from pipeline.codec import decode_clip, resize_frame
+from pipeline.config import IngestConfig
+from pipeline.worker import clip_starts
+
+pytestmark = pytest.mark.ray
+
+CFG = dict(clip_len=3, frame_step=2, clips_per_video=2, size=[64, 64], storage="png",
+           videos_per_shard=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    videos = edge_case_dir(root / "in")
+    listing = root / "list.txt"
+    names = [p.name for p in videos.values()] + ["missing.mp4"]
+    listing.write_text("# every edge case, plus a path that does not exist\n" + "\n".join(
+        f"in/{n}" for n in names) + "\n")  # fmt: skip
+    return videos, listing
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, edge, tmp_path_factory):
+    videos, listing = edge
+    dst = tmp_path_factory.mktemp("out") / "shards"
+    manifest = ingest(str(listing), str(dst), from_dict(IngestConfig, CFG), progress=False)
+    return videos, dst, manifest
+
+
+def _samples(dst):
+    out = {}
+    for name in sorted(os.listdir(dst)):
+        if not name.endswith(".tar"):
+            continue
+        with tarfile.open(dst / name) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for mname, data in members.items():
+            if mname.endswith(".json"):
+                key = mname.split(".")[0]
+                record = json.loads(data)
+                lab = decode_clip("lab.png", members[f"{key}.lab.png"], 3)
+                out[key] = (record, lab, name)
+    return out
+
+
+def test_every_video_is_accounted_for(ingested):
+    videos, dst, manifest = ingested
+    assert manifest["videos"] == {"total": 11, "ok": 6, "skipped": 1, "failed": 4}
+    assert manifest["num_samples"] == 12 and manifest["num_frames"] == 36
+    assert manifest["num_shards"] == 4 and manifest["incomplete_shards"] == {}
+    assert sum(manifest["samples_per_shard"]) == 12
+    problems = {
+        os.path.basename(p["path"]): (p["status"], p["message"]) for p in manifest["problems"]
+    }
+    assert (
+        problems["short.mp4"][0] == "skipped"
+        and "3 frames < clip span 5" in problems["short.mp4"][1]
+    )
+    assert problems["empty.mp4"] == ("failed", "ValueError: empty file (0 bytes)")
+    assert problems["missing.mp4"][0] == "failed" and "no such file" in problems["missing.mp4"][1]
+    for name in ("corrupt.mp4", "notes.mp4"):
+        assert problems[name][0] == "failed" and problems[name][1], problems[name]
+    # The stats files say the same, video by video.
+    statuses = {}
+    for name in os.listdir(dst):
+        if name.endswith(".stats.json"):
+            for v in json.loads((dst / name).read_text())["videos"]:
+                statuses[os.path.basename(v["path"])] = (v["status"], v["clips"])
+    assert statuses["bikes.mp4"] == ("ok", 2) and statuses["large.mp4"] == ("ok", 2)
+    assert len(statuses) == 11
+    assert (dst / "manifest.json").is_file() and len(manifest["content_hash"]) == 64
+
+
+def test_lab_matches_independent_conversion_and_metadata(ingested):
+    videos, dst, _ = ingested
+    samples = _samples(dst)
+    assert len(samples) == 12 and all("." not in k for k in samples)
+    by_source = {}
+    for key, (record, lab, _) in samples.items():
+        by_source.setdefault(os.path.basename(record["source"]), []).append((key, record, lab))
+    cfg = from_dict(IngestConfig, CFG)
+    for name, path in [("carphone.mp4", videos["carphone"]), ("odd.mp4", videos["odd"]),
+                       ("large.mp4", videos["large"])]:  # fmt: skip
+        reader = decord.VideoReader(str(path))
+        n = len(reader)
+        for key, record, lab in sorted(by_source[name], key=lambda x: x[1]["clip_index"]):
+            ci = record["clip_index"]
+            start = clip_starts(n, cfg)[ci]
+            assert key.endswith(f"_c{ci:04d}")
+            assert record["frame_indices"] == [start, start + 2, start + 4]
+            assert record["original_size"] == list(reader[0].shape[:2])
+            assert record["fps"] == pytest.approx(reader.get_avg_fps())
+            assert lab.shape == (3, 3, 64, 64) and lab.dtype == np.uint8
+            rgb = reader.get_batch(record["frame_indices"]).asnumpy()
+            rgb = np.stack([resize_frame(f, (64, 64), "crop") for f in rgb])
+            ref = quantise_lab(rgb_to_lab(torch.from_numpy(rgb).permute(0, 3, 1, 2))).numpy()
+            diff = np.abs(ref.astype(int) - lab.astype(int))
+            assert diff.max() <= 1, (name, diff.max())  # png: quantisation rounding only
+        del reader
+    assert by_source["carphone.mp4"][0][1]["original_size"] == [144, 176]
+    assert by_source["large.mp4"][0][1]["original_size"] == [1440, 2560]
+    # Grayscale: R = G = B -> a = b = 128 (neutral), L varies.
+    for _, _, lab in by_source["gray.mp4"]:
+        assert np.abs(lab[:, 1:].astype(int) - 128).max() <= 1
+        assert lab[:, 0].std() > 5
+    # Rotated (display matrix 90 deg counter-clockwise): stored upright, 64 tall x 48 wide
+    # source; the red left half of the coded frame ends up at the bottom.
+    for _, record, lab in by_source["rotated.mp4"]:
+        assert record["rotation"] == 90 and record["original_size"] == [64, 48]
+        a = lab[:, 1].astype(float)  # red has a >> 0: a8 well above 128
+        assert a[:, -12:].mean() > 180 and abs(a[:, :12].mean() - 128) < 4
+
+
+def test_shards_are_webdataset_readable(ingested):
+    import webdataset as wds
+
+    _, dst, manifest = ingested
+    url = str(dst / manifest["shards"][0])
+    samples = list(wds.WebDataset(url, shardshuffle=False))
+    assert len(samples) == manifest["samples_per_shard"][0]
+    assert {"__key__", "json", "lab.png"} <= set(samples[0])
+
+
+def test_rerun_skips_done_shards_and_appends_new_videos(ingested, edge, tmp_path):
+    videos, dst, manifest = ingested
+    _, listing = edge
+    before = {n: (dst / n).read_bytes() for n in os.listdir(dst)}
+    mtimes = {n: os.stat(dst / n).st_mtime_ns for n in os.listdir(dst) if n.endswith(".tar")}
+    again = ingest(str(listing), str(dst), from_dict(IngestConfig, CFG), progress=False)
+    assert {n: (dst / n).read_bytes() for n in os.listdir(dst)} == before
+    assert {n: os.stat(dst / n).st_mtime_ns for n in mtimes} == mtimes  # nothing rewritten
+    assert again["content_hash"] == manifest["content_hash"]
+    # Append: a new video becomes a new shard; old shards keep their bytes.
+    extra = listing.parent / "in" / "aaa_new.mp4"
+    extra.write_bytes(videos["carphone"].read_bytes())
+    listing.write_text(listing.read_text() + "in/aaa_new.mp4\n")
+    try:
+        grown = ingest(str(listing), str(dst), from_dict(IngestConfig, CFG), progress=False)
+        assert grown["num_shards"] == manifest["num_shards"] + 1
+        assert grown["shards"][:-1] == manifest["shards"]
+        assert grown["samples_per_shard"][-1] == 2 and grown["num_samples"] == 14
+        for name in manifest["shards"]:
+            assert (dst / name).read_bytes() == before[name]
+        assert grown["content_hash"] != manifest["content_hash"]
+        # A different content config is refused rather than mixed into the same DST.
+        from jobs.config import ConfigError
+
+        with pytest.raises(ConfigError, match="--overwrite"):
+            ingest(str(listing), str(dst), from_dict(IngestConfig, {**CFG, "quality": 50,
+                   "storage": "jpeg"}), progress=False)  # fmt: skip
+    finally:
+        listing.write_text(listing.read_text().replace("in/aaa_new.mp4\n", ""))
+        extra.unlink()
+
+
+def test_overwrite_starts_over(ray_local, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    from ingest_media import write_video
+
+    write_video(src / "a.mp4", 8, 32, 32)
+    dst = tmp_path / "out"
+    first = ingest(str(src), str(dst), from_dict(IngestConfig, CFG), progress=False)
+    (dst / "shard-000000.tar.tmp-dead").write_bytes(b"left over by a killed run")
+    cfg2 = from_dict(IngestConfig, {**CFG, "size": [32, 32]})
+    second = ingest(str(src), str(dst), cfg2, overwrite=True, progress=False)
+    assert second["config"]["size"] == [32, 32] and first["config"]["size"] == [64, 64]
+    assert second["num_samples"] == 2
+    assert sorted(os.listdir(dst)) == [
+        "assignment.json", "manifest.json", "shard-000000.stats.json", "shard-000000.tar",
+    ]  # fmt: skip
