@@ -48,6 +48,7 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = get_fs(url)
+    fs.invalidate_cache(path)  # other processes (Ray tasks) write here: no stale listings
     return fs.exists(path)
 
 
@@ -119,6 +120,7 @@ def local_copy(url: str) -> Iterator[str]:
 def list_names(url: str) -> list[str]:
     """Names of the files directly under a directory URL ([] when it does not exist)."""
     fs, path = get_fs(url)
+    fs.invalidate_cache(path)
     try:
         entries = fs.ls(path, detail=False)
     except FileNotFoundError:
