@@ -8,11 +8,13 @@ The command-line flags of jobs.evaluate (--split, --sequences, --output) overrid
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
-from jobs.config import ConfigError, choice, positive
+from jobs.config import ConfigError, positive
 
-SPLITS = ("train", "val", "test-dev", "test-challenge")
+SPLITS = ("train", "val", "test-dev", "test-challenge")  # the official ones; others allowed
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +85,10 @@ class EvalConfig:
     mlflow: EvalMlflowConfig = dataclasses.field(default_factory=EvalMlflowConfig)
 
     def validate(self) -> None:
-        choice(self.split, SPLITS, "split")
+        if not _SPLIT_NAME.match(self.split):
+            raise ConfigError(
+                f"split={self.split!r} must name ImageSets/2017/<split>.txt, e.g. one of {SPLITS}"
+            )
         positive(self.bound_th, "bound_th")
         positive(self.overlay_frames, "overlay_frames")
         positive(self.overlay_width, "overlay_width")

@@ -1,0 +1,290 @@
+"""jobs.evaluate end to end on the generated DAVIS sample: results layout, CSVs recomputed from
+the written PNGs, bad sequences reported while the rest is scored, Ray == local, MLflow run,
+version tags and alias promotion."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from jobs.config import load_config
+from jobs.davis_io import (
+    read_mask,
+    read_result_masks,
+    sequence_files,
+    write_mask,
+    write_results_csvs,
+)
+from jobs.davis_metrics import evaluate_sequence
+from jobs.eval_config import EvalConfig
+from jobs.eval_mlflow import ModelRef, decide_promotion, version_tag
+from jobs.evaluate import EvalError, evaluate, main, parse_args
+from model import MAST
+from pipeline.davis_sample import SampleConfig, generate
+
+GOOD = ["bigbuckbunny-00", "bikes-01"]
+
+
+def tiny_state(seed=0):
+    # Random weights; a sharp softmax (scale 20) makes even these propagate some labels, so
+    # the predictions are not all background.
+    torch.manual_seed(seed)
+    model = MAST(width=8, feat_dim=16, scale=20.0)
+    return {"model_args": model.model_args, "model": model.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def davis_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("davis")
+    cfg = load_config(
+        SampleConfig, overrides=["num_sequences=2", "num_frames=5", "width=64", "height=48"]
+    )
+    generate(cfg, root)
+    ann, img = root / "Annotations" / "480p", root / "JPEGImages" / "480p"
+    for bad in ("missing-frame", "size-mismatch", "no-objects"):
+        shutil.copytree(ann / GOOD[0], ann / bad)
+        shutil.copytree(img / GOOD[0], img / bad)
+    (img / "missing-frame" / "00002.jpg").unlink()
+    write_mask(ann / "size-mismatch" / "00003.png", np.zeros((48, 60), np.uint8))
+    write_mask(ann / "no-objects" / "00000.png", np.zeros((48, 64), np.uint8))
+    names = [*GOOD, "missing-frame", "size-mismatch", "no-objects", "not-there"]
+    (root / "ImageSets" / "2017" / "all.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(tiny_state(), path)
+    return path
+
+
+def local_cfg(output, *extra):
+    return load_config(
+        EvalConfig,
+        overrides=[
+            f"output={output}",
+            "ray.enabled=false",
+            "mlflow.enabled=false",
+            "propagation.radius=4",
+            *extra,
+        ],
+    )
+
+
+def test_results_layout_and_csvs_recomputed_from_disk(davis_root, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "global_results-val.csv").write_text("stale\n")
+    summary = evaluate(str(checkpoint), davis_root, local_cfg(out))
+    assert summary["scored"] == 2 and summary["failed"] == [] and summary["scope"] == "full"
+    assert json.loads((out / "summary.json").read_text())["scores"] == summary["scores"]
+    objects = []
+    for name in GOOD:
+        files = sequence_files(davis_root, name)
+        pred = read_result_masks(out, name, files.frame_ids)
+        gt = np.stack([read_mask(p) for p in files.masks])
+        np.testing.assert_array_equal(pred[0], gt[0])  # frame 0 is the ground truth
+        with Image.open(out / name / "00001.png") as im:
+            assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]
+        assert pred[1:].max() > 0  # something was propagated
+        objects += evaluate_sequence(name, gt, pred)
+        with Image.open(out / "_overlays" / f"{name}.gif") as gif:
+            assert gif.n_frames == 5
+    # The CSVs equal an independent re-scoring of the PNGs on disk, in the official format.
+    expected = tmp_path / "expected"
+    write_results_csvs(expected, "val", objects)
+    for csv in ("global_results-val.csv", "per-sequence_results-val.csv"):
+        assert (out / csv).read_text() == (expected / csv).read_text()
+    rows = (out / "per-sequence_results-val.csv").read_text().splitlines()
+    assert rows[0] == "Sequence,J-Mean,F-Mean" and rows[1].startswith("bigbuckbunny-00_1,")
+    assert 0 < summary["scores"]["J&F-Mean"] < 1
+
+
+def test_bad_sequences_are_reported_and_the_rest_scored(davis_root, checkpoint, tmp_path):
+    summary = evaluate(str(checkpoint), davis_root, local_cfg(tmp_path, "split=all"))
+    failed = {f["sequence"]: f["error"] for f in summary["failed"]}
+    assert summary["scored"] == 2 and set(failed) == {
+        "missing-frame",
+        "size-mismatch",
+        "no-objects",
+        "not-there",
+    }
+    assert "annotations without frames ['00002']" in failed["missing-frame"]
+    assert (
+        "00003.png: annotation is 60x48 but the frames of size-mismatch are 64x48"
+        in failed["size-mismatch"]
+    )
+    assert "first annotation has no object" in failed["no-objects"]
+    assert "no frames in" in failed["not-there"]
+    assert summary["scope"] == "partial 2/6"
+    rows = (tmp_path / "per-sequence_results-all.csv").read_text().splitlines()[1:]
+    assert {r.split("_")[0] for r in rows} == set(GOOD)
+
+
+def test_label_ids_beyond_the_model_channels(davis_root, checkpoint, tmp_path):
+    summary = evaluate(
+        str(checkpoint), davis_root, local_cfg(tmp_path, "propagation.max_objects=3")
+    )
+    failed = {f["sequence"]: f["error"] for f in summary["failed"]}
+    # bigbuckbunny-00 has 3 objects (ids 1..3: 4 channels), bikes-01 too; both are refused.
+    assert all("propagation.max_objects=3" in e for e in failed.values()) and failed
+    assert summary["scores"] is None
+    assert not (tmp_path / "global_results-val.csv").exists()
+
+
+def test_unreadable_model(davis_root, tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(EvalError, match="cannot load model .*garbage.pt"):
+        evaluate(str(bad), davis_root, local_cfg(tmp_path / "out"))
+    with pytest.raises(EvalError, match="no-such-root is not a directory"):
+        evaluate(str(bad), tmp_path / "no-such-root", local_cfg(tmp_path / "out"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_tasks_give_the_same_results_as_a_sequential_run(davis_root, checkpoint, tmp_path):
+    import ray
+
+    local = evaluate(str(checkpoint), davis_root, local_cfg(tmp_path / "local"))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        cfg = local_cfg(
+            tmp_path / "ray", "ray.enabled=true", "ray.max_in_flight=1", "ray.num_cpus=1"
+        )
+        remote = evaluate(str(checkpoint), davis_root, cfg)
+    finally:
+        ray.shutdown()
+    assert remote["scores"] == local["scores"]
+    for name in GOOD:
+        for png in sorted((tmp_path / "local" / name).glob("*.png")):
+            assert png.read_bytes() == (tmp_path / "ray" / name / png.name).read_bytes()
+    for csv in ("global_results-val.csv", "per-sequence_results-val.csv"):
+        assert (tmp_path / "local" / csv).read_text() == (tmp_path / "ray" / csv).read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """Two registered versions of a tiny model, logged with the training engineer's helper."""
+    from jobs.tracking import compute_example, register_stage_model, setup_runs
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    runs = setup_runs(uri, "train", "reg", {"pretrain": {}})
+    frames = torch.randint(0, 256, (1, 2, 3, 16, 16), dtype=torch.uint8)
+    gaps = torch.tensor([[2]])
+    for seed in (0, 1):
+        state = tiny_state(seed)
+        example = compute_example(MAST.from_state(state), frames, gaps)
+        register_stage_model(
+            uri=uri, run_id=runs.child_run_ids["pretrain"], model_name="mast-eval-test",
+            stage="pretrain", state=state, example=example, tags={},
+        )  # fmt: skip
+    return uri
+
+
+def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
+    client = MlflowClient(registry, registry_uri=registry)
+    args = [
+        "--model", "models:/mast-eval-test/1", "--davis-root", str(davis_root),
+        "--output", str(tmp_path / "v1"), "--promote", "champion",
+        "ray.enabled=false", "propagation.radius=4", f"mlflow.tracking_uri={registry}",
+    ]  # fmt: skip
+    first = main(parse_args(args))
+    assert (
+        first["promotion"]["promoted"] and "alias champion was free" in first["promotion"]["reason"]
+    )
+    assert str(client.get_model_version_by_alias("mast-eval-test", "champion").version) == "1"
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.data.tags["model_name"] == "mast-eval-test" and run.data.tags["model_version"] == "1"
+    assert run.data.metrics["JF-Mean"] == pytest.approx(first["scores"]["J&F-Mean"])
+    assert run.data.metrics["J-Decay"] == pytest.approx(first["scores"]["J-Decay"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "global_results-val.csv",
+        "per-sequence_results-val.csv",
+        "per_sequence_table.json",
+        "failures.json",
+        "overlays",
+    } <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "overlays")) == 2
+    v1 = client.get_model_version("mast-eval-test", "1")
+    assert float(v1.tags[version_tag("val", "JF_mean")]) == pytest.approx(
+        first["scores"]["J&F-Mean"], abs=1e-6
+    )
+    assert v1.tags[version_tag("val", "scope")] == "full"
+    assert v1.tags[version_tag("val", "run_id")] == run.info.run_id
+
+    # Version 2 is promoted only if it beats version 1 on the same split.
+    args2 = [a.replace("mast-eval-test/1", "mast-eval-test/2").replace("/v1", "/v2") for a in args]
+    second = main(parse_args(args2))
+    beats = second["scores"]["J&F-Mean"] > first["scores"]["J&F-Mean"]
+    assert second["promotion"]["promoted"] == beats
+    holder = "2" if beats else "1"
+    assert str(client.get_model_version_by_alias("mast-eval-test", "champion").version) == holder
+    reason = client.get_run(second["mlflow_run_id"]).data.tags["promotion.champion"]
+    assert reason == second["promotion"]["reason"] and (
+        "beats" in reason or "does not beat" in reason
+    )
+
+
+def test_promotion_decisions(registry):
+    client = MlflowClient(registry, registry_uri=registry)
+    name = "mast-eval-test"
+    client.set_registered_model_alias(name, "gold", "1")
+    ref = ModelRef("models:/mast-eval-test/2", name, "2")
+    client.set_model_version_tag(name, "1", version_tag("test-dev", "JF_mean"), "0.5")
+    client.set_model_version_tag(name, "1", version_tag("test-dev", "scope"), "full")
+    assert decide_promotion(client, ref, "gold", "test-dev", 0.6, "full").promoted
+    tie = decide_promotion(client, ref, "gold", "test-dev", 0.5, "full")
+    assert not tie.promoted and "does not beat version 1's 0.5000" in tie.reason
+    partial = decide_promotion(client, ref, "gold", "test-dev", 0.9, "partial 1/2")
+    assert not partial.promoted and "partial 1/2" in partial.reason
+    unknown = decide_promotion(client, ref, "gold", "train", 0.9, "full")
+    assert not unknown.promoted and "has no full-train J&F" in unknown.reason
+    same = decide_promotion(client, ModelRef("x", name, "1"), "gold", "test-dev", 0.9, "full")
+    assert not same.promoted and "already holds" in same.reason
+
+
+def test_promote_needs_a_registered_model_and_bad_uris_are_recorded(
+    davis_root, checkpoint, registry, tmp_path
+):
+    args = [
+        "--model",
+        str(checkpoint),
+        "--davis-root",
+        str(davis_root),
+        "--output",
+        str(tmp_path),
+        "--promote",
+        "champion",
+        f"mlflow.tracking_uri={registry}",
+        "ray.enabled=false",
+    ]
+    with pytest.raises(EvalError, match="--promote champion needs a registered model URI"):
+        main(parse_args(args))
+    with pytest.raises(EvalError, match="cannot resolve model 'models:/mast-eval-test@nope'"):
+        main(
+            parse_args(
+                [
+                    "--model",
+                    "models:/mast-eval-test@nope",
+                    *args[2:6],
+                    f"mlflow.tracking_uri={registry}",
+                ]
+            )
+        )
+    client = MlflowClient(registry)
+    exp = client.get_experiment_by_name("mast-eval")
+    failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
+    assert any("models:/mast-eval-test@nope" in r.data.tags["error"] for r in failed)
