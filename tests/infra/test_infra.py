@@ -1,0 +1,453 @@
+"""infra/ is what an engineer deploys to GPU clusters; these tests check it without a cluster.
+
+Each file is parsed and the fields we rely on are checked with the real tools' own parsers
+where they exist: the Ray cluster launcher's JSON schema and config validation, `ray start`'s
+and `mlflow server`'s command-line parsers, Ray's RuntimeEnv and its working_dir exclude
+matcher, and each job module's own `parse_args` and config loader for the RayJob entrypoints.
+A scan proves that no credential is written in any file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+K8S = INFRA / "k8s"
+IMAGE = "ghcr.io/example-org/mast-train:0.1.0-cu128"
+MLFLOW_URI = "http://mlflow.mast.svc.cluster.local:5000"
+RAYJOBS = {
+    "ingest": "rayjob-ingest.yaml",
+    "train": "rayjob-train.yaml",
+    "evaluate": "rayjob-evaluate.yaml",
+}
+
+
+def load_all(path: Path) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} holds no YAML document"
+    return docs
+
+
+def load_one(path: Path) -> dict:
+    (doc,) = load_all(path)
+    return doc
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def ray_cluster_specs() -> dict[str, dict]:
+    """Every RayCluster spec in infra/k8s: the standalone one and each RayJob's own."""
+    specs = {"raycluster.yaml": load_one(K8S / "raycluster.yaml")["spec"]}
+    for name in RAYJOBS.values():
+        specs[name] = load_one(K8S / name)["spec"]["rayClusterSpec"]
+    return specs
+
+
+def start_params_to_args(params: dict[str, str]) -> list[str]:
+    """rayStartParams as KubeRay renders them into `ray start` (shell-quoted values)."""
+    return shlex.split(" ".join(f"--{k}={v}" for k, v in params.items()))
+
+
+def parse_ray_start(args: list[str]) -> dict:
+    """Parse `ray start` arguments with Ray's own click command (unknown flags raise)."""
+    from ray.scripts.scripts import start
+
+    return start.make_context("start", list(args)).params
+
+
+# ---------------------------------------------------------------------------------------------
+# Every file parses; images and versions agree everywhere.
+
+
+def test_every_yaml_file_parses():
+    files = sorted(INFRA.rglob("*.yaml"))
+    names = {p.relative_to(INFRA).as_posix() for p in files}
+    assert {
+        "runtime_env.yaml",
+        "ray/cluster.yaml",
+        "k8s/raycluster.yaml",
+        "k8s/rayjob-ingest.yaml",
+        "k8s/rayjob-train.yaml",
+        "k8s/rayjob-evaluate.yaml",
+        "k8s/mlflow.yaml",
+        "k8s/postgres.yaml",
+    } <= names
+    for path in files:
+        for doc in load_all(path):
+            assert isinstance(doc, dict), path
+
+
+def test_one_image_and_the_installed_ray_version_everywhere():
+    images = {load_one(INFRA / "ray" / "cluster.yaml")["docker"]["image"]}
+    for name, spec in ray_cluster_specs().items():
+        assert spec["rayVersion"] == ray.__version__, name
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        images |= {c["image"] for g in groups for c in containers(g["template"])}
+    mlflow_deploy = load_all(K8S / "mlflow.yaml")[0]
+    images |= {c["image"] for c in containers(mlflow_deploy["spec"]["template"])}
+    assert images == {IMAGE}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray cluster launcher.
+
+
+def test_cluster_launcher_config_is_valid_for_ray():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load_one(INFRA / "ray" / "cluster.yaml")
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)  # strict: unknown keys are rejected
+    validate_config(prepare_config(cfg))  # Ray's own checks after filling in provider defaults
+
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] == "head" and set(types) == {"head", "cpu_ingest", "gpu_train"}
+    assert types["head"]["resources"] == {"CPU": 0, "head": 1}
+    assert (
+        types["cpu_ingest"]["resources"].get("GPU", 0) == 0
+        and types["cpu_ingest"]["resources"]["ingest"] == 1
+    )
+    assert (
+        types["gpu_train"]["resources"]["GPU"] == 8
+        and types["gpu_train"]["resources"]["train"] == 1
+    )
+    assert types["gpu_train"]["node_config"]["InstanceType"] == "p5.48xlarge"  # 8x H100
+    for name in ("cpu_ingest", "gpu_train"):
+        assert 0 <= types[name]["min_workers"] <= types[name]["max_workers"] <= cfg["max_workers"]
+
+
+def test_cluster_launcher_start_commands_parse_as_ray_start():
+    cfg = load_one(INFRA / "ray" / "cluster.yaml")
+    for key, head in (("head_start_ray_commands", True), ("worker_start_ray_commands", False)):
+        (command,) = [c for c in cfg[key] if "ray start" in c]
+        segment = next(s for s in command.split(";") if "ray start" in s)
+        words = shlex.split(segment)
+        env = dict(w.split("=", 1) for w in words[: words.index("ray")])
+        assert env == {"RAY_AUTH_MODE": "token"}, "token auth must be on for every node"
+        params = parse_ray_start(words[words.index("start") + 1 :])
+        assert params["head"] is head
+        if head:
+            assert params["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
+        else:
+            assert params["address"] == "$RAY_HEAD_IP:6379"
+    # The token reaches every node from a local file, never inline.
+    assert cfg["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+
+
+# ---------------------------------------------------------------------------------------------
+# KubeRay RayCluster and RayJobs.
+
+
+def test_raycluster_groups_resources_and_gpus():
+    doc = load_one(K8S / "raycluster.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    spec = doc["spec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-ingest", "gpu-train"}
+    gpu = containers(groups["gpu-train"]["template"])[0]["resources"]
+    assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "8"
+    cpu = containers(groups["cpu-ingest"]["template"])[0]["resources"]
+    assert "nvidia.com/gpu" not in cpu["limits"]
+    for g in groups.values():
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    # Training data and checkpoints are shared: every pod mounts the same ReadWriteMany claim.
+    for g in [spec["headGroupSpec"], *groups.values()]:
+        mounts = {m["mountPath"] for m in containers(g["template"])[0]["volumeMounts"]}
+        assert "/mnt/runs" in mounts
+        env = {e["name"]: e.get("value") for e in containers(g["template"])[0]["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == MLFLOW_URI
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", *RAYJOBS.values()])
+def test_ray_start_params_parse_and_label_node_roles(name):
+    spec = ray_cluster_specs()[name]
+    head = parse_ray_start(start_params_to_args(spec["headGroupSpec"]["rayStartParams"]))
+    assert head["num_cpus"] == 0 and json.loads(head["resources"]) == {"head": 1}
+    for group in spec["workerGroupSpecs"]:
+        params = parse_ray_start(start_params_to_args(group["rayStartParams"]))
+        role = json.loads(params["resources"])
+        limits = containers(group["template"])[0]["resources"]["limits"]
+        has_gpu = int(limits.get("nvidia.com/gpu", 0)) > 0
+        assert role == ({"train": 1} if has_gpu else {"ingest": 1}), group["groupName"]
+
+
+@pytest.mark.parametrize("job", sorted(RAYJOBS))
+def test_rayjob_entrypoint_is_a_real_job_with_valid_arguments(job):
+    doc = load_one(K8S / RAYJOBS[job])
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["submissionMode"] == "K8sJobMode"
+    words = shlex.split(spec["entrypoint"])
+    assert words[:3] == ["python", "-m", f"jobs.{job}"]
+    module = importlib.import_module(f"jobs.{job}")  # the module exists and imports
+    args = module.parse_args(words[3:])  # the job's own CLI accepts the arguments
+    # ... and its own config loader accepts every key=value override.
+    if job == "train":
+        from jobs.train_config import load_stage_configs
+
+        cfgs = load_stage_configs(args.config, args.stages.split(","), args.overrides)
+        assert [c.scaling.num_workers for c in cfgs] == [16, 16, 16]
+        assert {c.scaling.use_gpu for c in cfgs} == {"auto"}
+        assert {c.storage_path for c in cfgs} == {"/mnt/runs/ray"}
+    elif job == "ingest":
+        from jobs.config import load_config
+        from pipeline.config import IngestConfig
+
+        load_config(IngestConfig, ROOT / args.config, args.overrides)
+    else:
+        from jobs.config import load_config
+        from jobs.eval_config import EvalConfig
+
+        cfg = load_config(EvalConfig, args.config, args.overrides)
+        assert cfg.device == "cuda" and cfg.ray.num_gpus > 0
+
+
+def test_train_job_runs_on_gpu_workers_only():
+    spec = load_one(K8S / RAYJOBS["train"])["spec"]
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = int(containers(group["template"])[0]["resources"]["limits"]["nvidia.com/gpu"])
+    # scaling.num_workers=16 on 2 pods x 8 GPUs: one GPU per Ray Train worker, nothing idle.
+    assert "scaling.num_workers=16" in spec["entrypoint"] and group["replicas"] * gpus == 16
+
+
+@pytest.mark.parametrize("job", sorted(RAYJOBS))
+def test_rayjob_runtime_env_is_valid_for_ray(job):
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(load_one(K8S / RAYJOBS[job])["spec"]["runtimeEnvYAML"])
+    RuntimeEnv(**env)
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime_env for `ray job submit`.
+
+
+def test_runtime_env_is_valid_and_excludes_heavy_directories(tmp_path):
+    from ray._private.runtime_env.packaging import _get_excludes
+    from ray.runtime_env import RuntimeEnv
+
+    cfg = yaml.safe_load((INFRA / "runtime_env.yaml").read_text())
+    RuntimeEnv(**cfg)  # raises on unknown keys or bad types
+    assert set(cfg) == {"working_dir", "excludes", "env_vars"}
+    assert all(isinstance(v, str) for v in cfg["env_vars"].values())
+    assert cfg["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI
+
+    # Ray's own matcher, on a tree shaped like the project: heavy directories are pruned as a
+    # whole (matched by their bare path, so Ray never walks into them), code is kept.
+    for rel in [
+        ".venv/lib/x.py",
+        ".git/HEAD",
+        "runs/a/b.pt",
+        "data/v.mp4",
+        "jobs/__pycache__/t.pyc",
+        "jobs/train.py",
+        "configs/train/demo.yaml",
+        "mast_train.egg-info/PKG-INFO",
+        "shard-000000.tar",
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    excluded = _get_excludes(tmp_path, cfg["excludes"])
+    for rel in [
+        ".venv",
+        ".git",
+        "runs",
+        "data",
+        "jobs/__pycache__",
+        "mast_train.egg-info",
+        "shard-000000.tar",
+    ]:
+        assert excluded(tmp_path / rel), rel
+    for rel in ["jobs", "jobs/train.py", "configs/train/demo.yaml"]:
+        assert not excluded(tmp_path / rel), rel
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow tracking server and its database.
+
+
+def test_mlflow_server_deployment_backends_and_probe():
+    from mlflow.cli import server
+
+    deploy, service, account = load_all(K8S / "mlflow.yaml")
+    assert [deploy["kind"], service["kind"], account["kind"]] == [
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    (c,) = containers(deploy["spec"]["template"])
+    assert c["command"] == ["mlflow", "server"]
+    env = {e["name"]: e for e in c["env"]}
+    # The backend URI (it holds the DB password) comes from a Secret, expanded by Kubernetes.
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mlflow-backend",
+        "key": "uri",
+    }
+    args = [
+        a.replace("$(MLFLOW_BACKEND_STORE_URI)", "postgresql://u@postgres:5432/mlflow")
+        for a in c["args"]
+    ]
+    params = server.make_context("server", args).params  # MLflow's own CLI parser
+    assert "$(MLFLOW_BACKEND_STORE_URI)" in " ".join(c["args"])
+    assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"] is True
+    assert params["host"] == "0.0.0.0" and params["port"] == 5000
+    assert "mlflow.mast.svc.cluster.local:5000" in params["allowed_hosts"].split(",")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health"  # exempt from MLflow's host check
+    # Service -> pod wiring, and the in-cluster URI the jobs use.
+    assert service["spec"]["selector"] == deploy["spec"]["template"]["metadata"]["labels"]
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == c["ports"][0]["name"] and port["port"] == 5000
+    assert (
+        MLFLOW_URI == f"http://{service['metadata']['name']}.mast.svc.cluster.local:{port['port']}"
+    )
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_postgres_password_comes_from_a_secret():
+    stateful, service = load_all(K8S / "postgres.yaml")
+    (c,) = containers(stateful["spec"]["template"])
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
+    assert service["spec"]["ports"][0]["port"] == 5432
+
+
+# ---------------------------------------------------------------------------------------------
+# Container image definition.
+
+
+def dockerfile_stages() -> list[tuple[str, list[str]]]:
+    """[(FROM line, instruction lines of that stage)], continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (INFRA / "docker" / "Dockerfile").read_text())
+    stages: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            stages.append((line, []))
+        elif stages:
+            stages[-1][1].append(line)
+    return stages
+
+
+def test_dockerfile_builds_the_extension_then_ships_a_slim_runtime():
+    (build_from, build), (runtime_from, runtime) = dockerfile_stages()
+    assert "cudnn-devel" in build_from and build_from.endswith(" AS build")
+    assert "cudnn-runtime" in runtime_from and runtime_from.endswith(" AS runtime")
+    assert "ARG TORCH_CUDA_ARCH_LIST" in " ".join(build)
+    runs = [i for i, line in enumerate(build) if line.startswith("RUN ")]
+    torch_at = next(i for i in runs if 'pip install "torch==${TORCH_VERSION}"' in build[i])
+    scs_at = next(i for i in runs if "spatial-correlation-sampler" in build[i])
+    project_at = next(i for i in runs if '".[cuda]"' in build[i])
+    assert torch_at < scs_at < project_at, "torch first, then the extension, then the project"
+    assert "--no-build-isolation" in build[scs_at] and "PIP_CONSTRAINT" in " ".join(build)
+    assert any(line.startswith("COPY --from=build /opt/venv") for line in runtime)
+    # The torch pin matches the version `make setup` installs (CPU wheel, same release).
+    makefile_pin = re.search(r"torch==([\d.]+)", (ROOT / "Makefile").read_text()).group(1)
+    assert f"ARG TORCH_VERSION={makefile_pin}" in build
+    # Every COPY source of the build stage exists in the project (the build context).
+    for line in build:
+        if line.startswith("COPY ") and "--from" not in line:
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), f"Dockerfile copies missing {src}"
+
+
+def test_dockerfile_cxx_standard_patch_rewrites_the_packages_flag():
+    """The sed expression from the Dockerfile, run by real sed on setup.py's flag line."""
+    build = dockerfile_stages()[0][1]
+    (scs,) = [line for line in build if "spatial-correlation-sampler" in line and "sed -i" in line]
+    expr = re.search(r'sed -i "([^"]+)"', scs).group(1).replace("${SCS_CXX_STD}", "c++20")
+    line = "cxx_args = ['-std=c++17', '-fopenmp']\n"  # spatial-correlation-sampler 0.5.0 setup.py
+    out = subprocess.run(
+        ["sed", expr], input=line, capture_output=True, text=True, check=True
+    ).stdout
+    assert out == "cxx_args = ['-std=c++20', '-fopenmp']\n"
+    assert "ARG SCS_CXX_STD=c++20" in build and "ARG SCS_VERSION=0.5.0" in build
+
+
+# ---------------------------------------------------------------------------------------------
+# No credentials anywhere in infra/.
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "AWS secret key": re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+=]{30,}"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "GitHub / Slack token": re.compile(r"\b(ghp_[A-Za-z0-9]{30,}|xox[abp]-[A-Za-z0-9-]{10,})"),
+    "password in a URI": re.compile(r"://[^/\s:@'\"]+:(?!<)[^@\s'\"/]+@"),
+    "literal password": re.compile(
+        r"(?i)\b(password|passwd|secret|token)\s*[:=]\s*['\"]?(?![<$({'\"\s])\w{6,}"
+    ),
+}
+
+
+def find_secrets(text: str) -> list[str]:
+    return [name for name, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+
+
+def test_secret_scanner_catches_known_bad_samples():
+    bad = [
+        "aws_access_key_id: AKIAIOSFODNN7EXAMPLE",
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "uri: postgresql://mlflow:hunter22@postgres:5432/mlflow",
+        "password: hunter22secret",
+        "-----BEGIN OPENSSH PRIVATE KEY-----",
+    ]
+    assert all(find_secrets(b) for b in bad)
+    assert not find_secrets(
+        "--from-literal=uri='postgresql://mlflow:<password>@postgres:5432/mlflow'"
+    )
+
+
+def test_no_credentials_in_infra():
+    for path in sorted(p for p in INFRA.rglob("*") if p.is_file()):
+        text = path.read_text()
+        assert not find_secrets(text), f"{path}: {find_secrets(text)}"
+    # Kubernetes env vars that look secret are never given inline values.
+    for path in K8S.glob("*.yaml"):
+        for line in re.findall(r"-\s*\{?name:\s*(\w+),?\s*value:", path.read_text()):
+            assert not re.search(r"(?i)password|secret|token|key", line), f"{path}: {line}"
+        for doc in load_all(path):
+            for env in _all_env_entries(doc):
+                if re.search(r"(?i)password|secret|token|access_key", env["name"]):
+                    assert "valueFrom" in env and "value" not in env, f"{path}: {env['name']}"
+
+
+def _all_env_entries(node) -> list[dict]:
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("env"), list):
+            found += [e for e in node["env"] if isinstance(e, dict) and "name" in e]
+        for value in node.values():
+            found += _all_env_entries(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _all_env_entries(value)
+    return found
+
+
+def test_infra_readme_covers_every_file():
+    readme = (INFRA / "README.md").read_text()
+    for path in INFRA.rglob("*"):
+        if path.is_file() and path.name != "README.md":
+            assert path.relative_to(INFRA).as_posix() in readme, (
+                f"README.md does not mention {path}"
+            )
+    assert os.path.getsize(INFRA / "README.md") > 1000
