@@ -183,9 +183,10 @@ def log_dataset(uri: str, run_id: str, source: str, content_hash: str, num_sampl
     digest = content_hash[:32]
     if any(d.dataset.digest == digest for d in existing):
         return
-    ds = MetaDataset(
-        resolve_dataset_source(source), name=Path(source).parent.name or "data", digest=digest
-    )
+    with warnings.catch_warnings():  # a local path matches two equivalent source classes
+        warnings.simplefilter("ignore", UserWarning)
+        resolved = resolve_dataset_source(source)
+    ds = MetaDataset(resolved, name=Path(source).parent.name or "data", digest=digest)
     inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
     client.log_inputs(run_id, datasets=[inp])
     client.set_tag(run_id, "data.hash", content_hash)
@@ -329,7 +330,9 @@ def register_stage_model(
 
 def is_mlflow_uri(uri: str) -> bool:
     """models:/..., runs:/... or a remote artifact URL (not a local checkpoint path)."""
-    return uri.startswith(("models:/", "runs:/")) or ("://" in uri and not uri.startswith("file://"))
+    return uri.startswith(("models:/", "runs:/")) or (
+        "://" in uri and not uri.startswith("file://")
+    )
 
 
 def _download(uri: str, tracking_uri: str | None) -> Path:

@@ -174,9 +174,11 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
 
     run_dir = _stage_dir(cfg, run_name)
     local_mode = cfg.scaling.num_workers == 0
-    use_gpu = cfg.scaling.use_gpu == "true" or (
-        cfg.scaling.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0
-    )
+    if cfg.scaling.use_gpu == "auto":
+        gpus = torch.cuda.device_count() if local_mode else ray.cluster_resources().get("GPU", 0)
+        use_gpu = gpus > 0
+    else:
+        use_gpu = cfg.scaling.use_gpu == "true"
     latest = _latest_checkpoint(run_dir)
     loop_config = {
         "train": to_dict(cfg),
@@ -265,10 +267,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
     for c in cfgs:
         log_dataset(uri, runs.child_run_ids[c.stage], data.uri, data.content_hash, data.num_samples)
-    import ray
+    if any(c.scaling.num_workers > 0 for c in cfgs):  # local mode (0 workers) needs no cluster
+        import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     outputs: dict[str, Any] = {}
     previous: str | None = None
     for cfg in cfgs:

@@ -15,6 +15,8 @@ bad state); the driver turns the reported reason into a clear error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -32,6 +34,7 @@ from jobs.checkpoint import (
     load_latest_valid,
     restore_training_state,
     save_checkpoint,
+    unwrap,
 )
 from jobs.config import from_dict, to_dict
 from jobs.tracking import RankZeroTracker
@@ -40,6 +43,7 @@ from jobs.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 EXAMPLE_INPUT_FILE = "example_input.pt"
+RANK_DIGESTS_FILE = "rank_digests.json"
 FAULT_MARKER = "fault_injected"
 
 
@@ -160,10 +164,27 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
             window = Window()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.schedule.steps:
             final = done == cfg.schedule.steps
-            report_checkpoint(
-                ctx, done, {**final_metrics, "step": done}, example_input if final else None
-            )
+            metrics = {**final_metrics, "step": done}
+            if final:  # DDP must leave identical weights on every rank: check, record
+                digests = rank_param_digests(model, ctx["world_size"])
+                metrics["ranks_in_sync"] = float(len(set(digests)) == 1)
+                ctx["rank_digests"] = digests
+                tracker.log_metrics({"ranks_in_sync": metrics["ranks_in_sync"]}, done)
+            report_checkpoint(ctx, done, metrics, example_input if final else None)
     return {"stopped": "", "step": cfg.schedule.steps, "metrics": final_metrics}
+
+
+def rank_param_digests(model: torch.nn.Module, world_size: int) -> list[str]:
+    """sha256 of every rank's parameters and buffers, gathered on all ranks (rank order)."""
+    h = hashlib.sha256()
+    for name, tensor in unwrap(model).state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if world_size == 1:
+        return [h.hexdigest()]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, h.hexdigest())
+    return gathered
 
 
 def report_checkpoint(ctx: dict[str, Any], step: int, metrics: dict, example_input) -> None:
@@ -194,6 +215,8 @@ def report_checkpoint(ctx: dict[str, Any], step: int, metrics: dict, example_inp
     )
     if example_input is not None:
         torch.save(example_input, directory / EXAMPLE_INPUT_FILE)
+        digests = {"rank_param_digests": ctx.get("rank_digests", [])}
+        (directory / RANK_DIGESTS_FILE).write_text(json.dumps(digests))
     ray.train.report(
         metrics, checkpoint=Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
     )
@@ -245,9 +268,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config`: {"train": TrainConfig dict, "source": shard list,
     "run_dir": abs path, "tracking_uri": str, "mlflow_run_id": str, "resume_from": str|None}."""
     import ray.train
-    from pipeline.loader import make_train_loader
 
     from model import MAST
+    from pipeline.loader import make_train_loader
 
     cfg = from_dict(TrainConfig, config["train"])
     context = ray.train.get_context()

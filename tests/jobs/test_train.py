@@ -1,0 +1,201 @@
+"""jobs.train in-process (ScalingConfig(num_workers=0)): configs, bad input, stage chaining,
+registry round trip, resume and non-finite loss. Multi-worker Ray runs: test_train_ray.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from jobs.checkpoint import CheckpointError
+from jobs.config import ConfigError
+from jobs.tracking import TrackingError, load_example, load_model, run_example
+from jobs.train import TrainingError, describe_data, main, parse_args
+from jobs.train_config import load_stage_configs
+from jobs.train_loop import build_optimizer
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "configs/train/demo.yaml")
+
+
+def _args(tmp_path: Path, manifest, *extra: str, stages: str = "pretrain", run: str = "t"):
+    return parse_args(
+        [
+            "--config", DEMO, "--stages", stages, "--data", str(manifest), "--run-name", run,
+            f"storage_path={tmp_path / 'ray'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}",
+            "scaling.num_workers=0", "checkpoint.every_steps=2", "mlflow.log_every_steps=2",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
+def _runs(tmp_path: Path, run: str):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("mast-train")
+    return client, client.search_runs([exp.experiment_id], f"tags.`mast.run_name` = '{run}'")
+
+
+def test_config_typo_and_mismatch_are_named():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key optim.lrr; allowed keys under optim"
+    ):
+        load_stage_configs(DEMO, ["pretrain"], ["optim.lrr=1e-3"])
+    with pytest.raises(
+        ConfigError, match="loader.long_term_gap=15 must equal model.long_term_gap=20"
+    ):
+        load_stage_configs(DEMO, ["dynamic"], ["model.long_term_gap=20"])
+    with pytest.raises(ConfigError, match="--stages.*choose one of"):
+        load_stage_configs(DEMO, ["pretrian"], [])
+    with pytest.raises(ConfigError, match="set the stage with --stages"):
+        load_stage_configs(DEMO, ["main"], ["loader.stage=pretrain"])
+
+
+def test_stage_configs_hold_the_recipe():
+    pre, main_, dyn = load_stage_configs(None, ["pretrain", "main", "dynamic"])
+    assert (pre.optim.name, pre.optim.lr, pre.loader.batch_size) == ("adam", 1e-3, 12)
+    assert pre.loader.pair_gaps == (2, 5, 8) and pre.loader.pair_probs == (0.4, 0.4, 0.2)
+    assert pre.model.train_radius == 6 and pre.model.width == 64 and pre.loader.crop_size == 256
+    assert pre.schedule.milestone_steps() == [400_000, 600_000, 800_000]
+    assert main_.optim.lr < pre.optim.lr and main_.loader.clip_frames == 4
+    assert dyn.optim.lr == 2e-5 and dyn.loader.num_long_refs == 2 and dyn.model.long_term_gap == 15
+    demo = load_stage_configs(DEMO, ["pretrain", "main", "dynamic"])
+    assert [c.stage for c in demo] == ["pretrain", "main", "dynamic"]
+    assert all(c.model.width <= 32 and c.loader.crop_size == 64 for c in demo)
+    assert demo[2].optim.lr == 2e-5 and demo[0].storage_path.startswith("/")
+
+
+def test_lr_halves_at_iteration_milestones():
+    cfg = load_stage_configs(DEMO, ["pretrain"], ["schedule.steps=10"])[0]
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    lrs = []
+    for _ in range(10):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == [1e-3] * 4 + [5e-4] * 2 + [2.5e-4] * 2 + [1.25e-4] * 2
+
+
+def test_bad_data_is_reported_clearly(tmp_path, train_shards):
+    with pytest.raises(ConfigError, match="no training data: pass --data"):
+        describe_data("")
+    with pytest.raises(ConfigError, match="does not exist; run jobs.ingest"):
+        describe_data(str(tmp_path / "nope" / "manifest.json"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text(json.dumps({"shards": [], "num_samples": 0}))
+    with pytest.raises(ConfigError, match="0 shards and 0 samples: nothing to train on"):
+        describe_data(str(empty))  # a directory means its manifest.json
+    copy = tmp_path / "copy"
+    shutil.copytree(train_shards.parent, copy)
+    shards = sorted(copy.glob("shard-*.tar"))
+    shards[0].write_bytes(shards[0].read_bytes()[:700])  # truncated mid-member
+    info = describe_data(str(copy / "manifest.json"))
+    assert len(info.shards) == len(shards) - 1 and info.num_samples > 0
+    assert len(info.skipped) == 1 and shards[0].name in info.skipped[0]
+    for s in shards[1:]:
+        s.write_bytes(b"not a tar at all")
+    with pytest.raises(ConfigError, match="every shard is unreadable"):
+        describe_data(str(copy / "manifest.json"))
+
+
+def test_unreachable_tracking_fails_before_any_work(tmp_path, train_shards):
+    import ray
+
+    args = _args(tmp_path, train_shards, "mlflow.tracking_uri=http://127.0.0.1:9")
+    with pytest.raises(TrackingError, match="unreachable"):
+        main(args)
+    assert not (tmp_path / "ray").exists() and not ray.is_initialized()
+
+
+def test_three_stages_chain_register_and_reload(tmp_path, train_shards):
+    args = _args(tmp_path, train_shards, "schedule.steps=4", stages="pretrain,main,dynamic")
+    out = main(args)
+    assert [out[s]["version"] for s in ("pretrain", "main", "dynamic")] == [1, 2, 3]
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client, runs = _runs(tmp_path, "t")
+    assert sorted(r.data.tags["mast.role"] for r in runs) == ["parent", "stage", "stage", "stage"]
+    by_stage = {r.data.tags.get("mast.stage"): r for r in runs}
+    for version, stage in enumerate(("pretrain", "main", "dynamic"), start=1):
+        mv = client.get_model_version_by_alias("mast", f"{stage}-latest")
+        assert int(mv.version) == version
+        assert mv.tags["stage"] == stage and len(mv.tags["git_commit"]) >= 7
+        assert mv.tags["data_hash"] == json.loads(train_shards.read_text())["content_hash"]
+        run = by_stage[stage]
+        assert run.info.status == "FINISHED"
+        assert float(mv.tags["final_loss"]) == pytest.approx(run.data.metrics["loss"], rel=1e-5)
+        assert run.data.params["loader.stage"] == stage and run.data.metrics["ranks_in_sync"] == 1
+        assert len(run.inputs.dataset_inputs) == 1
+        images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+        assert "images/step_00000004.png" in images
+    # Each stage starts from the previous stage's final weights.
+    assert by_stage["main"].data.params["checkpoint.init_from"] == ""  # chained, not configured
+    # The dynamic stage really read long-term references (> 15 frames back).
+    history = client.get_metric_history(by_stage["dynamic"].info.run_id, "long_term_refs")
+    assert sum(m.value for m in history) > 0
+    assert all(
+        m.value == 0
+        for m in client.get_metric_history(by_stage["main"].info.run_id, "long_term_refs")
+    )
+    # The registered model reproduces the reconstruction logged with it, exactly.
+    model = load_model("models:/mast@dynamic-latest", tracking_uri=uri)
+    example = load_example("models:/mast@dynamic-latest", tracking_uri=uri)
+    assert example["frames"].shape[1] == 3  # 1 long-term + 1 short-term reference + target
+    assert torch.equal(run_example(model, example), example["reconstruction"])
+    ckpt = load_model(out["dynamic"]["checkpoint"])
+    assert all(
+        torch.equal(a, b) for a, b in zip(ckpt.state_dict().values(), model.state_dict().values())
+    )
+
+    # The same command again: every stage is done; no new runs or versions.
+    again = main(args)
+    assert [again[s]["version"] for s in ("pretrain", "main", "dynamic")] == [1, 2, 3]
+    assert len(_runs(tmp_path, "t")[1]) == 4
+
+
+def test_interrupted_run_resumes_with_same_name(tmp_path, train_shards):
+    args = _args(tmp_path, train_shards, "schedule.steps=6", "fault_at_step=3", run="r")
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        main(args)
+    stage_dir = tmp_path / "ray" / "r-pretrain"
+    assert sorted(p.name for p in stage_dir.glob("checkpoint_*")) == ["checkpoint_00000002"]
+    out = main(args)  # same command: continues from step 2
+    assert out["pretrain"]["checkpoint"].endswith("checkpoint_00000006")
+    client, runs = _runs(tmp_path, "r")
+    assert len(runs) == 2  # one parent, one stage run: no duplicates
+    child = next(r for r in runs if r.data.tags["mast.role"] == "stage")
+    assert child.data.metrics["resumed_from_step"] == 2 and child.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+    assert sorted(set(steps)) == [2, 4, 6]
+
+    # Resuming with another model config is refused before training starts.
+    (stage_dir / "stage_done.json").unlink()
+    with pytest.raises(CheckpointError, match="model.width: checkpoint 16 != config 8"):
+        main(_args(tmp_path, train_shards, "schedule.steps=6", "model.width=8", run="r"))
+
+
+def test_incompatible_init_checkpoint_is_refused(tmp_path, train_shards):
+    first = main(_args(tmp_path, train_shards, "schedule.steps=2", run="a"))
+    init = first["pretrain"]["checkpoint"]
+    with pytest.raises(CheckpointError, match="model.feat_dim: checkpoint 32 != config 16"):
+        main(
+            _args(
+                tmp_path, train_shards, f"checkpoint.init_from={init}", "model.feat_dim=16", run="b"
+            )
+        )
+    assert not list((tmp_path / "ray" / "b-pretrain").glob("checkpoint_*"))
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, train_shards):
+    # loss_weight beyond float32 range: the very first loss is inf/nan.
+    args = _args(tmp_path, train_shards, "schedule.steps=4", "model.loss_weight=1e39", run="nan")
+    with pytest.raises(TrainingError, match=r"non-finite loss \(\w+\) at step 0.*lower optim.lr"):
+        main(args)
+    assert not list((tmp_path / "ray" / "nan-pretrain").glob("checkpoint_*"))
+    _, runs = _runs(tmp_path, "nan")
+    assert {r.info.status for r in runs} == {"FAILED"}
