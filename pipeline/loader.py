@@ -115,6 +115,7 @@ class ClipStream(IterableDataset):
         self.urls, self.counts, self.cfg = urls, counts, cfg
         self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
         self.resampled = resampled
+        self._expected = dict(zip(urls, counts)) if counts else {}
         ctx = multiprocessing.get_context()
         self.counters = {name: ctx.Value("q", 0) for name in COUNTERS}
         self.plan = None if resampled else self._epoch_plan()
@@ -159,8 +160,11 @@ class ClipStream(IterableDataset):
 
     def _samples(self, url: str, positions: list[int] | None) -> Iterator[tuple[str, Any, Any]]:
         wanted = None if positions is None else {p: positions.count(p) for p in set(positions)}
+        expected = self._expected.get(url)
+        read = 0
         try:
             for pos, (key, record, ext, data) in enumerate(iter_shard(url)):
+                read = pos + 1
                 if wanted is not None and pos not in wanted:
                     continue
                 try:
@@ -174,6 +178,11 @@ class ClipStream(IterableDataset):
         except (tarfile.TarError, OSError, ClipDecodeError, EOFError) as e:
             self._count("corrupt_shards")
             log.warning("corrupt shard %s skipped (%s: %s)", url, type(e).__name__, e)
+            return
+        # tarfile ends a stream quietly at a garbled header: compare with the manifest.
+        if expected is not None and read < expected:
+            self._count("corrupt_shards")
+            log.warning("corrupt shard %s: ended after %d of %d samples", url, read, expected)
 
     def _raw(self, rng: random.Random) -> Iterator[tuple[str, Any, Any]]:
         worker, workers = self._worker()

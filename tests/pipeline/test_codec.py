@@ -1,0 +1,86 @@
+"""Stored-Lab conversion against model.colour (the independent conversion) and the clip
+codecs: exact for png/raw, bounded error for jpeg, corrupt data raises ClipDecodeError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.colour import quantise_lab, rgb_to_lab
+from pipeline.codec import (
+    ClipDecodeError,
+    decode_clip,
+    encode_clip,
+    resize_frame,
+    rgb_to_stored_lab,
+)
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    y, x = np.mgrid[0:40, 0:48]
+    smooth = np.stack([x * 5, y * 6, (x + y) * 3], -1).astype(np.uint8)
+    # Extremes: black, white, pure primaries (the a/b range limits).
+    corners = np.array(
+        [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8
+    )
+    noise[0, 0, :5] = corners
+    return np.concatenate([noise, smooth[None]], 0)  # (4, 40, 48, 3)
+
+
+def test_stored_lab_matches_model_colour_within_one_level(rgb):
+    ours = rgb_to_stored_lab(rgb)  # (T, 3, H, W)
+    ref = quantise_lab(rgb_to_lab(torch.from_numpy(rgb).permute(0, 3, 1, 2))).numpy()
+    assert ours.shape == (4, 3, 40, 48) and ours.dtype == np.uint8
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    # OpenCV approximates the sRGB curve and cube root in float mode: rounding may differ by 1.
+    assert diff.max() <= 1 and diff.mean() < 0.2
+    # Known values: black L=0 a=b=128; white L=255 a=b=128; pure red a8 = 128 + 80 = 208.
+    assert ours[0, :, 0, 0].tolist() == [0, 128, 128]
+    assert ours[0, :, 0, 1].tolist() == [255, 128, 128]
+    assert ours[0, 1, 0, 2] == pytest.approx(208, abs=1)
+
+
+@pytest.mark.parametrize("storage", ["png", "raw"])
+def test_lossless_codecs_roundtrip_exactly(rgb, storage):
+    lab = rgb_to_stored_lab(rgb)
+    ext, data = encode_clip(lab, storage)
+    assert "." not in ext.split(".")[-1] and ext.startswith("lab.")
+    assert np.array_equal(decode_clip(ext, data, 4), lab)
+
+
+def test_jpeg_keeps_planes_separate_with_small_error(rgb):
+    lab = rgb_to_stored_lab(rgb[3:])  # the smooth frame: what video looks like
+    lab = np.repeat(lab, 3, axis=0)
+    ext, data = encode_clip(lab, "jpeg", quality=95)
+    out = decode_clip(ext, data, 3)
+    err = np.abs(out.astype(int) - lab.astype(int))
+    assert out.shape == lab.shape and err.mean() < 1.0 and err.max() <= 8
+    assert len(data) < lab.nbytes / 3  # compresses
+    # Deterministic bytes (shards are byte-for-byte reproducible).
+    assert encode_clip(lab, "jpeg", quality=95)[1] == data
+
+
+def test_corrupt_clip_raises():
+    with pytest.raises(ClipDecodeError):
+        decode_clip("lab.jpg", b"\xff\xd8 not really a jpeg", 2)
+    with pytest.raises(ClipDecodeError):
+        decode_clip("lab.npy", b"garbage", 2)
+    lab = np.zeros((2, 3, 8, 8), np.uint8)
+    ext, data = encode_clip(lab, "png")
+    with pytest.raises(ClipDecodeError):
+        decode_clip(ext, data, 3)  # 6 planes of 8 rows do not split into 3 frames x 3 planes
+
+
+def test_resize_policies():
+    frame = np.zeros((30, 90, 3), np.uint8)
+    frame[:, 30:60] = 255  # white centre third
+    crop = resize_frame(frame, (16, 16), "crop")  # scale to 16x48, centre crop 16x16
+    assert crop.shape == (16, 16, 3) and crop.min() == 255
+    stretch = resize_frame(frame, (16, 16), "stretch")
+    assert stretch.shape == (16, 16, 3) and stretch[:, 0].max() == 0 and stretch[:, 8].min() == 255
+    tall = resize_frame(np.zeros((35, 63, 3), np.uint8), (64, 64), "crop")  # upscale odd size
+    assert tall.shape == (64, 64, 3)

@@ -1,0 +1,181 @@
+"""Training loader over real ingest shards (written by the shard worker, no Ray needed):
+two ranks with uneven shards, frame selection per stage, seeding, corrupt shards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from jobs.config import ConfigError, from_dict, to_dict
+from pipeline.codec import decode_clip
+from pipeline.config import IngestConfig, LoaderConfig
+from pipeline.loader import iter_shard, make_epoch_loader, make_train_loader
+from pipeline.samples import UnusableClip, select_frames
+from pipeline.sharding import assign
+from pipeline.summary import build_manifest, write_manifest
+from pipeline.worker import process_shard
+
+LENGTHS = (12, 20, 31, 9, 13)  # clips of span 9, stride 3: 2, 4, 8, 1, 2 = 17 samples
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from ingest_media import write_video
+
+    root = tmp_path_factory.mktemp("loader")
+    src = root / "in"
+    src.mkdir()
+    videos = [str(write_video(src / f"v{i}.mp4", n, 48, 64)) for i, n in enumerate(LENGTHS)]
+    cfg = from_dict(IngestConfig, dict(clip_len=9, clip_stride=3, size=[32, 32],
+                                       videos_per_shard=1))  # fmt: skip
+    dst = root / "shards"
+    dst.mkdir()
+    specs = assign(videos, str(dst), 1)
+    stats = {s.index: process_shard(s, to_dict(cfg)) for s in specs}
+    write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    stored = {}
+    for name in manifest["shards"]:
+        for key, record, ext, data in iter_shard(str(dst / name)):
+            stored[key] = (record, decode_clip(ext, data, 9))
+    return dst, manifest, stored
+
+
+def _cfg(**kw) -> LoaderConfig:
+    base = dict(stage="pretrain", batch_size=4, num_workers=0, crop_size=0, shuffle_buffer=4)
+    return from_dict(LoaderConfig, {**base, **kw})
+
+
+def _check_against_store(batch, stored):
+    """Each sample's frames are the stored frames `gap` source frames apart (value check)."""
+    for frames, gaps, key in zip(batch["frames"].numpy(), batch["gaps"].numpy(), batch["keys"]):
+        record, lab = stored[key]
+        idx = record["frame_indices"]
+        target = [t for t in range(9) if np.array_equal(lab[t], frames[-1])]
+        assert target, key
+        t = target[-1]
+        for ref, gap in zip(frames[:-1], gaps):
+            assert np.array_equal(lab[idx.index(idx[t] - gap)], ref)
+
+
+def test_manifest_has_uneven_shards(shards):
+    _, manifest, stored = shards
+    assert manifest["samples_per_shard"] == [2, 4, 8, 1, 2]
+    assert manifest["num_samples"] == len(stored) == 17
+
+
+def test_epoch_two_ranks_equal_batches_full_coverage(shards):
+    dst, manifest, stored = shards
+    seen, counts = [], []
+    for rank, workers in ((0, 2), (1, 0)):
+        loader = make_epoch_loader(str(dst / "manifest.json"), _cfg(num_workers=workers),
+                                   rank=rank, world_size=2, seed=3)  # fmt: skip
+        batches = list(loader)
+        counts.append((len(loader), len(batches)))
+        for b in batches:
+            assert b["frames"].dtype.is_floating_point is False
+            assert b["frames"].shape[1:] == (2, 3, 32, 32) and b["gaps"].shape[1:] == (1,)
+            _check_against_store(b, stored)
+        seen += [k for b in batches for k in b["keys"]]
+        assert loader.stats["corrupt_shards"] == 0
+    # ceil(17 / 2) = 9 samples per rank -> 3 batches of 4, 4, 1 on both ranks.
+    assert counts == [(3, 3), (3, 3)]
+    assert len(seen) == 18 and set(seen) == set(stored)  # every sample, one padded repeat
+
+
+def test_resampled_is_infinite_seeded_and_rank_specific(shards):
+    dst, _, stored = shards
+    source = str(dst / "manifest.json")
+
+    def take(rank, start_step, n=6, workers=0):
+        loader = make_train_loader(source, _cfg(num_workers=workers, crop_size=24),
+                                   rank=rank, world_size=2, seed=7, start_step=start_step)  # fmt: skip
+        return [b for _, b in zip(range(n), loader)]
+
+    a, again = take(0, 0), take(0, 0)
+    assert [b["keys"] for b in a] == [b["keys"] for b in again]
+    assert all((x["frames"] == y["frames"]).all() for x, y in zip(a, again))
+    assert [b["keys"] for b in take(1, 0)] != [b["keys"] for b in a]
+    assert [b["keys"] for b in take(0, 100)] != [b["keys"] for b in a]
+    # 6 batches x 4 = 24 samples from 17: the stream does not end; workers too.
+    with_workers = take(0, 0, n=8, workers=2)
+    assert len(with_workers) == 8
+    for b in a + with_workers:
+        assert b["frames"].shape == (4, 2, 3, 24, 24)
+        assert set(b["gaps"].flatten().tolist()) <= {2, 5, 8}
+
+
+def test_pair_gap_probabilities():
+    rng = np.random.default_rng(0)
+    cfg = _cfg()
+    draws = [select_frames(list(range(9)), cfg, rng)[1][0] for _ in range(3000)]
+    freq = {g: draws.count(g) / len(draws) for g in (2, 5, 8)}
+    assert sum(freq.values()) == 1.0
+    assert freq[2] == pytest.approx(0.4, abs=0.03) and freq[5] == pytest.approx(0.4, abs=0.03)
+    assert freq[8] == pytest.approx(0.2, abs=0.03)
+    # A clip offering only gap 2 always gives 2.
+    assert {select_frames([0, 2], cfg, rng)[1][0] for _ in range(20)} == {2}
+
+
+def test_memory_stages_select_short_and_long_term_references():
+    rng = np.random.default_rng(1)
+    dynamic = _cfg(stage="dynamic", num_short_refs=3, num_long_refs=2)
+    offsets = [0, 4, 8, 20, 24, 26, 28, 29]  # configs/ingest/dynamic.yaml
+    for _ in range(50):
+        order, gaps = select_frames(offsets, dynamic, rng)
+        assert len(order) == 6 and order == sorted(order)
+        assert all(g > 15 for g in gaps[:2]) and all(0 < g <= 15 for g in gaps[2:])
+        assert gaps == [offsets[order[-1]] - offsets[i] for i in order[:-1]]
+    main = _cfg(stage="main", num_short_refs=3)
+    for _ in range(50):
+        order, gaps = select_frames(list(range(0, 16, 2)), main, rng)
+        assert len(order) == 4 and order == sorted(order) and all(0 < g <= 15 for g in gaps)
+    with pytest.raises(UnusableClip, match="configs/ingest/dynamic.yaml"):
+        select_frames(list(range(9)), dynamic, rng)
+
+
+def test_dynamic_loader_on_short_clips_fails_loudly(shards):
+    dst, _, _ = shards
+    loader = make_train_loader(str(dst / "manifest.json"), _cfg(stage="dynamic"),
+                               rank=0, world_size=1, seed=0)  # fmt: skip
+    with pytest.raises(UnusableClip, match="Ingest with configs/ingest/dynamic.yaml"):
+        next(iter(loader))
+
+
+def test_corrupt_shards_are_skipped_counted_and_batches_stay_equal(shards, tmp_path, caplog):
+    dst, manifest, stored = shards
+    bad = tmp_path / "bad"
+    shutil.copytree(dst, bad)
+    data = (bad / "shard-000002.tar").read_bytes()  # the 8-sample shard
+    (bad / "shard-000002.tar").write_bytes(data[: len(data) // 2])  # truncated
+    (bad / "shard-000001.tar").write_bytes(np.random.default_rng(0).bytes(20000))  # garbage
+    source = str(bad / "manifest.json")
+    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+        loader = make_train_loader(source, _cfg(), rank=0, world_size=1, seed=0)
+        batches = [b for _, b in zip(range(12), loader)]
+    assert len(batches) == 12 and loader.stats["corrupt_shards"] >= 2
+    assert any("corrupt shard" in r.message for r in caplog.records)
+    garbage = {k for k, (record, _) in stored.items() if record["source"].endswith("v1.mp4")}
+    assert len(garbage) == 4
+    assert {k for b in batches for k in b["keys"]} <= set(stored) - garbage
+    lens = []
+    for rank in (0, 1):
+        epoch = make_epoch_loader(source, _cfg(), rank=rank, world_size=2, seed=0)
+        got = list(epoch)
+        lens.append((len(epoch), len(got), sum(len(b["keys"]) for b in got)))
+        assert {k for b in got for k in b["keys"]} <= set(stored) - garbage
+        if rank == 1:
+            assert epoch.stats["corrupt_shards"] >= 1 and epoch.stats["padded"] > 0
+    assert lens[0] == lens[1] == (3, 3, 9)
+
+
+def test_loader_config_is_validated():
+    with pytest.raises(ConfigError, match="pair_probs"):
+        from_dict(LoaderConfig, {"pair_probs": [0.5, 0.2, 0.2]})
+    with pytest.raises(ConfigError, match="stage"):
+        from_dict(LoaderConfig, {"stage": "finetune"})
+    assert from_dict(LoaderConfig, {"stage": "dynamic"}).clip_frames == 6

@@ -1,0 +1,81 @@
+"""Input listing (directory, glob, .txt/.csv/.parquet), append-only shard plans, config checks."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from jobs.config import ConfigError, from_dict, load_config
+from pipeline.config import IngestConfig
+from pipeline.reader import InputError, list_videos
+from pipeline.sharding import assign, load_assignment, plan_shards
+from pipeline.worker import clip_starts
+
+EXT = ("mp4", "mov")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.mp4", "a/b/y.MOV", "a/b/z.mp4", "a/readme.txt"):
+        (tmp_path / name).write_bytes(b"0")
+    return tmp_path
+
+
+def test_directory_glob_and_single_file(tree):
+    d = str(tree / "a")
+    assert list_videos(d, EXT) == [f"{d}/b/y.MOV", f"{d}/b/z.mp4", f"{d}/x.mp4"]
+    assert list_videos(f"{d}/**/*.mp4", EXT) == [f"{d}/b/z.mp4", f"{d}/x.mp4"]
+    assert list_videos(f"{d}/x.mp4", EXT) == [f"{d}/x.mp4"]
+    with pytest.raises(InputError, match="does not exist"):
+        list_videos(str(tree / "nope"), EXT)
+
+
+def test_list_files_resolve_relative_and_deduplicate(tree):
+    (tree / "l.txt").write_text("# comment\na/x.mp4\n\na/x.mp4\n/abs/missing.mp4\n")
+    assert list_videos(str(tree / "l.txt"), EXT) == ["/abs/missing.mp4", f"{tree}/a/x.mp4"]
+    pd.DataFrame({"path": ["a/b/z.mp4", "a/x.mp4"]}).to_csv(tree / "l.csv", index=False)
+    assert list_videos(str(tree / "l.csv"), EXT) == [f"{tree}/a/b/z.mp4", f"{tree}/a/x.mp4"]
+    pd.DataFrame({"path": ["a/x.mp4"]}).to_parquet(tree / "l.parquet")
+    assert list_videos(str(tree / "l.parquet"), EXT) == [f"{tree}/a/x.mp4"]
+    pd.DataFrame({"file": ["a/x.mp4"]}).to_csv(tree / "bad.csv", index=False)
+    with pytest.raises(InputError, match="'path' column"):
+        list_videos(str(tree / "bad.csv"), EXT)
+
+
+def test_shard_plan_is_deterministic_and_append_only(tmp_path):
+    videos = [f"v{i}" for i in (5, 1, 3, 2, 4)]
+    plan = plan_shards(videos, [], 2)
+    assert plan == [["v1", "v2"], ["v3", "v4"], ["v5"]]
+    grown = plan_shards(videos + ["v0", "v6"], plan, 2)
+    assert grown[:3] == plan and grown[3:] == [["v0", "v6"]]  # new shards only
+    specs = assign(videos, str(tmp_path), 2)
+    assert [s.name for s in specs] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert load_assignment(str(tmp_path)) == plan
+    again = assign(videos + ["v0"], str(tmp_path), 2)
+    assert [list(s.videos) for s in again] == plan + [["v0"]]
+
+
+def test_clip_starts():
+    cfg = from_dict(IngestConfig, {"clip_len": 3, "frame_step": 2})  # span 5
+    assert clip_starts(4, cfg) == []
+    assert clip_starts(12, cfg) == [0, 5]
+    assert clip_starts(12, from_dict(IngestConfig, {"clip_len": 3, "clip_stride": 1}))[-1] == 9
+    spread = from_dict(IngestConfig, {"clip_len": 3, "frame_step": 2, "clips_per_video": 3})
+    assert clip_starts(25, spread) == [0, 10, 20]
+    assert clip_starts(6, spread) == [0, 1]
+
+
+def test_config_validation_and_shipped_configs():
+    with pytest.raises(ConfigError, match="frame_offsets"):
+        from_dict(IngestConfig, {"frame_offsets": [1, 4]})
+    with pytest.raises(ConfigError, match="storage"):
+        from_dict(IngestConfig, {"storage": "webp"})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        from_dict(IngestConfig, {"clip_length": 3})
+    dyn = load_config(IngestConfig, "configs/ingest/dynamic.yaml")
+    assert dyn.offsets[-1] - dyn.offsets[0] > 15 and dyn.span == 30
+    for name in ("pretrain", "main", "demo"):
+        cfg = load_config(IngestConfig, f"configs/ingest/{name}.yaml")
+        assert cfg.span <= 15
+    assert load_config(IngestConfig, "configs/ingest/demo.yaml", ["size=[64,64]"]).size == (64, 64)
