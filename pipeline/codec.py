@@ -34,16 +34,29 @@ class ClipDecodeError(ValueError):
     """A stored clip cannot be decoded (corrupt member)."""
 
 
-def rgb_to_stored_lab(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 stored Lab (OpenCV float path)."""
-    out = np.empty((frames.shape[0], 3, frames.shape[1], frames.shape[2]), np.uint8)
-    scale = np.array([255.0 / 100.0, 1.0, 1.0], np.float32)
-    shift = np.array([0.0, 128.0, 128.0], np.float32)
-    for t, frame in enumerate(frames):
-        lab = cv2.cvtColor(frame.astype(np.float32) * (1.0 / 255.0), cv2.COLOR_RGB2Lab)
-        q = np.clip(np.rint(lab * scale + shift), 0, 255).astype(np.uint8)  # (H, W, 3)
-        out[t] = q.transpose(2, 0, 1)
-    return out
+_TO_STORED = np.array([[255 / 100, 0, 0, 0], [0, 1, 0, 128], [0, 0, 1, 128]], np.float32)
+
+
+def rgb_to_stored_lab(frames: np.ndarray, method: str = "float") -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 stored Lab.
+
+    method "float" (default): cv2.cvtColor on float32 RGB in [0, 1], then quantised with
+    round-half-even: within 1 level of model.colour.quantise_lab(rgb_to_lab(.)).
+    method "uint8": OpenCV's fixed-point 8-bit conversion (same layout), about 5x faster,
+    within 2 levels (mean 0.1): for ingest throughput when Lab conversion is the bottleneck.
+    """
+    T, H, W, _ = frames.shape
+    flat = np.ascontiguousarray(frames).reshape(T * H, W, 3)  # one call for the whole clip
+    if method == "uint8":
+        q = cv2.cvtColor(flat, cv2.COLOR_RGB2Lab)
+    elif method == "float":
+        rgb = np.multiply(flat, np.float32(1.0 / 255.0), dtype=np.float32)
+        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)  # L in [0, 100], a, b about [-127, 127]
+        # (L * 2.55, a + 128, b + 128), then saturating round to uint8 (all values >= 0).
+        q = cv2.convertScaleAbs(cv2.transform(lab, _TO_STORED))
+    else:
+        raise ValueError(f"lab conversion method {method!r}; choose 'float' or 'uint8'")
+    return np.ascontiguousarray(q.reshape(T, H, W, 3).transpose(0, 3, 1, 2))
 
 
 def resize_frame(frame: np.ndarray, size: tuple[int, int], policy: str) -> np.ndarray:

@@ -38,6 +38,9 @@ class IngestConfig:
     resize: Literal["crop", "stretch"] = "crop"
     # Stored Lab codec: one grayscale image per clip holding all planes (see worker.py).
     storage: Literal["jpeg", "png", "raw"] = "jpeg"
+    # RGB -> Lab: "float" (cv2 on float32, within 1 level of model.colour) or "uint8"
+    # (OpenCV fixed point, within 2 levels, ~5x faster): see pipeline/codec.py.
+    lab: Literal["float", "uint8"] = "float"
     quality: int = 95  # JPEG quality (1..100); ignored for png/raw
     videos_per_shard: int = 16
     # Directory inputs keep only these extensions (lists and globs take every path).

@@ -47,7 +47,7 @@ def config_hash(cfg: IngestConfig) -> str:
 
 CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
-    "size", "resize", "storage", "quality", "videos_per_shard",
+    "size", "resize", "storage", "lab", "quality", "videos_per_shard",
 )  # fmt: skip
 
 
@@ -127,7 +127,7 @@ def video_clips(
                 if any(i not in frames for i in idx):
                     raise ValueError(f"decoded {len(frames)} frames, clip {ci} needs {idx}")
                 rgb = np.stack([resize_frame(frames[i], cfg.size, cfg.resize) for i in idx])
-                yield ci, idx, rgb_to_stored_lab(rgb)
+                yield ci, idx, rgb_to_stored_lab(rgb, cfg.lab)
 
         return info, rotated()
 
@@ -136,6 +136,7 @@ def video_clips(
     reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads)
     num_frames = len(reader)
     first = reader[0].shape
+    reader.seek(0)  # reader[0] moved the stream; read_frames assumes it starts at frame 0
     info = VideoInfo(num_frames, float(reader.get_avg_fps()), int(first[0]), int(first[1]), 0)
     starts = clip_starts(num_frames, cfg)
     if not starts:
@@ -144,16 +145,40 @@ def video_clips(
 
     def decoded() -> Iterator[tuple[int, list[int], np.ndarray]]:
         nonlocal reader
+        frames = read_frames(reader, sorted({s + o for s in starts for o in offsets}))
         try:
+            cache: dict[int, np.ndarray] = {}
             for ci, s in enumerate(starts):
                 idx = [s + o for o in offsets]
-                batch = reader.get_batch(idx).asnumpy()  # (T, h, w, 3) uint8 RGB
-                rgb = np.stack([resize_frame(f, cfg.size, cfg.resize) for f in batch])
-                yield ci, idx, rgb_to_stored_lab(rgb)
+                while any(i not in cache for i in idx):
+                    i, frame = next(frames)  # (h, w, 3) uint8 RGB, in index order
+                    cache[i] = resize_frame(frame, cfg.size, cfg.resize)
+                yield ci, idx, rgb_to_stored_lab(np.stack([cache[i] for i in idx]), cfg.lab)
+                for i in [i for i in cache if i < (starts[ci + 1] if ci + 1 < len(starts) else 0)]:
+                    del cache[i]  # frames no later clip needs
         finally:
             del reader  # free the decoder (and its threads) before the next video
 
     return info, decoded()
+
+
+SEEK_GAP = 48  # frames: decode through shorter gaps, seek over longer ones
+
+
+def read_frames(reader: Any, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Sorted frame indices -> (index, (h, w, 3) uint8 RGB), reading the stream in order.
+
+    Sequential `next()` with `skip_frames` (decode without colour conversion) over short gaps
+    is 2-3x faster than `get_batch` for the dense clips of training data; long gaps seek.
+    """
+    pos = 0
+    for i in indices:
+        if i - pos > SEEK_GAP:
+            reader.seek_accurate(i)
+        elif i > pos:
+            reader.skip_frames(i - pos)
+        yield i, reader.next().asnumpy()
+        pos = i + 1
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
