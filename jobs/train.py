@@ -169,6 +169,7 @@ def preflight_checkpoints(cfg: TrainConfig, run_dir: Path, tracking_uri: str) ->
 def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str, run_id: str):
     """One Ray Train fit; returns (final checkpoint dir, final metrics)."""
     import ray
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -206,7 +207,13 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(
+            f"stage {cfg.stage} failed after {cfg.scaling.max_failures} retries: {e}\n"
+            f"checkpoints stay in {run_dir}; rerun the same command (same --run-name) to resume"
+        ) from e
     if result.error is not None:
         raise TrainingError(f"stage {cfg.stage} failed: {result.error}") from result.error
     metrics = result.metrics or {}

@@ -175,9 +175,13 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
 
 
 def rank_param_digests(model: torch.nn.Module, world_size: int) -> list[str]:
-    """sha256 of every rank's parameters and buffers, gathered on all ranks (rank order)."""
+    """sha256 of every rank's parameters, gathered on all ranks (rank order).
+
+    Buffers are left out on purpose: BatchNorm running statistics are updated locally by each
+    rank's last forward (DDP re-broadcasts rank 0's at the next forward; checkpoints hold rank 0's).
+    """
     h = hashlib.sha256()
-    for name, tensor in unwrap(model).state_dict().items():
+    for name, tensor in unwrap(model).named_parameters():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     if world_size == 1:
