@@ -326,6 +326,44 @@ class LocalRayCluster:
         )
         return submission_id, proc
 
+    def submit_nowait(self, entrypoint: list[str], *, runtime_env: dict, submission_id: str) -> str:
+        """`ray job submit --no-wait`: returns the submission id once the job is accepted."""
+        self.ray(
+            "job",
+            "submit",
+            "--no-wait",
+            f"--address={self.dashboard_url}",
+            f"--submission-id={submission_id}",
+            f"--runtime-env-json={json.dumps(runtime_env)}",
+            "--",
+            *entrypoint,
+        )
+        return submission_id
+
+    def wait_job(self, submission_id: str, timeout_s: float = 600) -> str:
+        """Poll until the job is SUCCEEDED, FAILED or STOPPED; return that status."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.job_status(submission_id)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(1.0)
+        raise TimeoutError(f"job {submission_id} still {status} after {timeout_s}s")
+
+    def job_logs(self, submission_id: str) -> str:
+        return self.ray(
+            "job", "logs", f"--address={self.dashboard_url}", submission_id, check=False
+        ).stdout
+
+    def list_state(self, kind: str, submission_id: str, *filters: str) -> list[dict]:
+        """`ray list <kind>` (tasks, actors) of one job, with node ids (Ray's state API)."""
+        job_id = self.job_info(submission_id)["job_id"]
+        args = ["list", kind, f"--address={self.dashboard_url}", "--detail", "--format=json"]
+        args += ["--limit=10000", f"--filter=job_id={job_id}"]
+        for f in filters:
+            args.append(f"--filter={f}")
+        return json.loads(self.ray(*args).stdout)
+
     def job_info(self, submission_id: str) -> dict:
         """The job server's record of a job (GET /api/jobs/<id>, bearer token auth)."""
         request = urllib.request.Request(

