@@ -68,7 +68,10 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], policy: str) -> np.nd
     else:
         s = max(out_h / h, out_w / w)
         scaled = (max(out_w, round(w * s)), max(out_h, round(h * s)))
-    interp = cv2.INTER_AREA if scaled[0] < w else cv2.INTER_LINEAR
+    # INTER_AREA only pays for itself when shrinking by 2x or more (it averages whole pixel
+    # blocks, avoiding aliasing); for milder scales bilinear looks the same at a third of
+    # the cost.
+    interp = cv2.INTER_AREA if scaled[0] * 2 <= w else cv2.INTER_LINEAR
     if scaled != (w, h):
         frame = cv2.resize(frame, scaled, interpolation=interp)
     top = (frame.shape[0] - out_h) // 2

@@ -107,7 +107,10 @@ class LoaderConfig:
     num_short_refs: int = 3
     num_long_refs: int = 2
     long_term_gap: int = 15  # the model's long_term_gap: long-term refs are more frames back
-    shuffle_buffer: int = 256  # samples; 0 = no shuffling
+    shuffle_buffer: int = 256  # compressed clips; 0 = no shuffling
+    # Training samples drawn from each decoded clip (resampled mode only): k > 1 divides the
+    # storage reads and clip decodes per sample by k (bench/loader.py: GPU feed budget).
+    samples_per_clip: int = 1
     resampled: bool = True  # infinite stream drawn with replacement (training)
     prefetch_factor: int = 2
 
@@ -125,6 +128,7 @@ class LoaderConfig:
         positive(self.num_workers, "loader.num_workers", allow_zero=True)
         positive(self.crop_size, "loader.crop_size", allow_zero=True)
         positive(self.shuffle_buffer, "loader.shuffle_buffer", allow_zero=True)
+        positive(self.samples_per_clip, "loader.samples_per_clip")
         positive(self.prefetch_factor, "loader.prefetch_factor")
         positive(self.long_term_gap, "loader.long_term_gap", allow_zero=True)
         if not self.pair_gaps or len(self.pair_gaps) != len(self.pair_probs):

@@ -158,7 +158,9 @@ class ClipStream(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _samples(self, url: str, positions: list[int] | None) -> Iterator[tuple[str, Any, Any]]:
+    def _samples(
+        self, url: str, positions: list[int] | None
+    ) -> Iterator[tuple[str, Any, str, bytes]]:
         wanted = None if positions is None else {p: positions.count(p) for p in set(positions)}
         expected = self._expected.get(url)
         read = 0
@@ -167,14 +169,8 @@ class ClipStream(IterableDataset):
                 read = pos + 1
                 if wanted is not None and pos not in wanted:
                     continue
-                try:
-                    lab = decode_clip(ext, data, len(record["frame_indices"]))
-                except ClipDecodeError as e:
-                    self._count("corrupt_samples")
-                    log.warning("corrupt clip %s in %s skipped: %s", key, url, e)
-                    continue
                 for _ in range(1 if wanted is None else wanted[pos]):
-                    yield key, record, lab
+                    yield key, record, ext, data  # still compressed: cheap to buffer
         except (tarfile.TarError, OSError, ClipDecodeError, EOFError) as e:
             self._count("corrupt_shards")
             log.warning("corrupt shard %s skipped (%s: %s)", url, type(e).__name__, e)
@@ -184,7 +180,7 @@ class ClipStream(IterableDataset):
             self._count("corrupt_shards")
             log.warning("corrupt shard %s: ended after %d of %d samples", url, read, expected)
 
-    def _raw(self, rng: random.Random) -> Iterator[tuple[str, Any, Any]]:
+    def _raw(self, rng: random.Random) -> Iterator[tuple[str, Any, str, bytes]]:
         worker, workers = self._worker()
         if not self.resampled:
             pieces = self.plan[worker::workers]
@@ -209,26 +205,44 @@ class ClipStream(IterableDataset):
         tag = f"{self.seed}-{self.rank}-{self.start_step}-{worker}"
         rng = random.Random(tag)
         nprng = np.random.default_rng(list(tag.encode()))
-        buffer: list[tuple[str, Any, Any]] = []
-        unusable = 0
-        for item in self._shuffled(self._raw(rng), rng, buffer):
-            key, record, lab = item
-            try:
-                frames, gaps = make_sample(lab, record["frame_indices"], self.cfg, nprng)
-            except UnusableClip as e:
-                self._count("unusable_samples")
-                unusable += 1
-                if unusable >= 1000 and self.resampled:
-                    raise UnusableClip(str(e)) from None
-                continue
-            unusable = 0
-            self._count("samples")
-            yield {"frames": torch.from_numpy(frames), "gaps": torch.from_numpy(gaps), "key": key}
+        per_clip = self.cfg.samples_per_clip if self.resampled else 1
+        samples = self._decoded(self._shuffled(self._raw(rng), rng, self.cfg.shuffle_buffer),
+                                nprng, per_clip)  # fmt: skip
+        if per_clip > 1:  # spread one clip's samples over several batches
+            samples = self._shuffled(samples, rng, 4 * per_clip)
+        yield from samples
 
-    def _shuffled(
-        self, items: Iterator[Any], rng: random.Random, buffer: list[Any]
-    ) -> Iterator[Any]:
-        size = self.cfg.shuffle_buffer
+    def _decoded(
+        self, items: Iterator[Any], nprng: np.random.Generator, per_clip: int
+    ) -> Iterator[dict[str, Any]]:
+        unusable = 0
+        for key, record, ext, data in items:
+            try:
+                lab = decode_clip(ext, data, len(record["frame_indices"]))
+            except ClipDecodeError as e:
+                self._count("corrupt_samples")
+                log.warning("corrupt clip %s skipped: %s", key, e)
+                continue
+            for _ in range(per_clip):
+                try:
+                    frames, gaps = make_sample(lab, record["frame_indices"], self.cfg, nprng)
+                except UnusableClip as e:
+                    self._count("unusable_samples")
+                    unusable += 1
+                    if unusable >= 1000 and self.resampled:
+                        raise UnusableClip(str(e)) from None
+                    break
+                unusable = 0
+                self._count("samples")
+                yield {
+                    "frames": torch.from_numpy(frames),
+                    "gaps": torch.from_numpy(gaps),
+                    "key": key,
+                }
+
+    @staticmethod
+    def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
+        buffer: list[Any] = []
         for item in items:
             if size <= 1:
                 yield item

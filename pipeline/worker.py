@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import cv2
 import numpy as np
 
 from jobs.config import from_dict, to_dict
@@ -237,6 +238,7 @@ def _ingest_video(url: str, cfg: IngestConfig, tar: tarfile.TarFile) -> dict[str
 def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Write one shard and its stats file; returns the stats plus `seconds` (not stored)."""
     cfg = from_dict(IngestConfig, cfg_dict)
+    cv2.setNumThreads(max(1, int(cfg.task_cpus)))  # OpenCV's pool would oversubscribe the task
     start = time.perf_counter()
     videos: list[dict[str, Any]] = []
     digest = hashlib.sha256()

@@ -44,6 +44,15 @@ def test_stored_lab_matches_model_colour_within_one_level(rgb):
     assert ours[0, 1, 0, 2] == pytest.approx(208, abs=1)
 
 
+def test_uint8_lab_method_within_two_levels(rgb):
+    fast = rgb_to_stored_lab(rgb, "uint8")
+    ref = quantise_lab(rgb_to_lab(torch.from_numpy(rgb).permute(0, 3, 1, 2))).numpy()
+    diff = np.abs(fast.astype(int) - ref.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.3
+    with pytest.raises(ValueError, match="float"):
+        rgb_to_stored_lab(rgb, "half")
+
+
 @pytest.mark.parametrize("storage", ["png", "raw"])
 def test_lossless_codecs_roundtrip_exactly(rgb, storage):
     lab = rgb_to_stored_lab(rgb)
