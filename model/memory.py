@@ -24,6 +24,14 @@ Deliberate differences from the reference code:
   one band. Under autograd each band is checkpointed (recomputed in backward), so training
   memory is bounded the same way.
 
+How a band is read (the one primitive, `_window_dots`): a single GEMM of the band's queries
+against the key rows its windows can reach, then a gather of each query's window entries.
+Short-term windows are integer windows. ROI windows gather the (P+1)^2 integer neighbours and
+blend them bilinearly with each query's fractional offset: exactly grid_sample(align_corners=
+True, zero padding) of the keys followed by the dot product, since the dot product is linear,
+and differentiable through the offset. The dilated coarse window is an undilated window on the
+subgrid of positions congruent to the query modulo d, so it is read one residue class at a time.
+
 Shapes: B batch, C feature channels, V value channels, (h, w) feature map, P window side,
 N = n * w query positions in a band of n rows.
 """
@@ -35,14 +43,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-from .correlation import correlate_rows, pad_for_window
 
 BORDER_MODES = ("exclude", "zero")
 DILATION_PERIOD = 15  # frames per step of coarse dilation (MAST_NOTES: d = min(4, gap // 15 + 1))
-DEFAULT_BUDGET = 1 << 24  # elements (64 MiB in fp32) for the largest per-band temporary
+DEFAULT_BUDGET = 1 << 22  # elements per band of the dense (queries x reachable keys) product
 
 
 def roi_dilation(gap: int, max_dilation: int = 4) -> int:
@@ -50,24 +55,86 @@ def roi_dilation(gap: int, max_dilation: int = 4) -> int:
     return min(max_dilation, gap // DILATION_PERIOD + 1)
 
 
-def _rows_per_band(per_position: int, width: int, chunk_size: int) -> int:
-    positions = chunk_size if chunk_size > 0 else DEFAULT_BUDGET // max(per_position, 1)
-    return max(1, positions // width)
+class _Window:
+    """Integer windows of a band's queries in one reference: top-left (base_y, base_x), side
+    `size`, and the dense product with the key rows [r0, r1) that the windows reach."""
+
+    def __init__(self, q, feat, base_y, base_x, size: int) -> None:
+        B, C, N = q.shape
+        H, W = feat.shape[-2:]
+        span = torch.arange(size, device=q.device)
+        self.Y = base_y[..., None] + span  # (B, N, size)
+        self.X = base_x[..., None] + span
+        self.r0 = r0 = int(self.Y.min().clamp(0, H - 1))
+        self.r1 = r1 = int(self.Y.max().clamp(r0, H - 1)) + 1
+        self.shape = (B, N, size, size)
+        self.H, self.W = H, W
+        # Only the key rows some window reaches take part in the product.
+        dense = torch.bmm(q.transpose(1, 2), feat[:, :, r0:r1].flatten(2))  # (B, N, M)
+        row = (self.Y - r0).clamp(0, r1 - r0 - 1) * W
+        self.index = (row[..., :, None] + self.X.clamp(0, W - 1)[..., None, :]).flatten(2)
+        self.dots = dense.gather(2, self.index).view(self.shape)  # off-image entries: garbage
+
+    def inside(self) -> torch.Tensor:
+        """(B, N, size, size) bool: window entry inside the image."""
+        iy = (self.Y >= 0) & (self.Y < self.H)
+        ix = (self.X >= 0) & (self.X < self.W)
+        return iy[..., :, None] & ix[..., None, :]
+
+    def read_values(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """sum over the window of weights (B, N, size, size) x values (B, V, H, W) -> (B, V, N).
+
+        Scatter the weights onto the reachable rows and multiply by the value rows: cheaper
+        than gathering V values per window entry. Off-image entries must carry weight 0.
+        """
+        B, N = self.shape[:2]
+        dense = weights.new_zeros(B, N, (self.r1 - self.r0) * self.W)
+        dense.scatter_add_(2, self.index, weights.flatten(2))
+        rows = values[:, :, self.r0 : self.r1].flatten(2)  # (B, V, M)
+        return torch.bmm(rows, dense.transpose(1, 2))  # (B, V, N)
 
 
-def _masked(affinity: torch.Tensor, valid: torch.Tensor, border: str) -> torch.Tensor:
-    if border == "zero":
-        return affinity.masked_fill(~valid, 0.0)
-    # finfo.min rather than -inf: a band with no valid position then reads uniformly (all
-    # values there are 0) instead of producing NaN.
-    return affinity.masked_fill(~valid, torch.finfo(affinity.dtype).min)
+def _axis_bias(pos: torch.Tensor, lo: float, hi: float, dtype) -> torch.Tensor:
+    """0 where lo <= pos <= hi, a large negative number elsewhere (one axis of the mask).
+
+    Two axes add up to at most finfo.min / 2: no overflow, and a query with no valid entry
+    reads uniformly (its values are all 0) instead of producing NaN.
+    """
+    return ((pos < lo) | (pos > hi)).to(dtype) * (torch.finfo(dtype).min / 4)
 
 
-def _axis_valid(start: int, n: int, size: int, P: int, d: int, device) -> torch.Tensor:
-    """(P, n) bool: is position start + k + (i - P//2) * d inside [0, size)?"""
-    pos = torch.arange(start, start + n, device=device)[None, :]
-    shifts = (torch.arange(P, device=device)[:, None] - P // 2) * d
-    return ((pos + shifts) >= 0) & ((pos + shifts) < size)
+def _bilinear(x, fy, fx):
+    """Blend (B, N, P+1, P+1) integer samples into (B, N, P, P) at fractions (B, N)."""
+    fy, fx = fy[..., None, None], fx[..., None, None]
+    top = x[..., :-1, :-1] * (1 - fx) + x[..., :-1, 1:] * fx
+    bottom = x[..., 1:, :-1] * (1 - fx) + x[..., 1:, 1:] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _bilinear_transpose(a, fy, fx):
+    """Adjoint of `_bilinear`: spread (B, N, P, P) weights onto (B, N, P+1, P+1) integers."""
+    fy, fx = fy[..., None, None], fx[..., None, None]
+    pad = torch.nn.functional.pad
+    top, bottom = a * (1 - fy), a * fy
+    return (
+        pad(top * (1 - fx), (0, 1, 0, 1))
+        + pad(top * fx, (1, 0, 0, 1))
+        + pad(bottom * (1 - fx), (0, 1, 1, 0))
+        + pad(bottom * fx, (1, 0, 1, 0))
+    )
+
+
+def _grid(y0: int, n: int, w: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n * w) row and column of each query position of rows y0 .. y0 + n - 1."""
+    ys = torch.arange(y0, y0 + n, device=device).repeat_interleave(w)
+    xs = torch.arange(w, device=device).repeat(n)
+    return ys.expand(B, -1), xs.expand(B, -1)
+
+
+def _rows_per_band(per_row: int, chunk_size: int, width: int) -> int:
+    if chunk_size > 0:
+        return max(1, chunk_size // width)
+    return max(1, DEFAULT_BUDGET // max(per_row, 1))
 
 
 def roi_offset(
@@ -87,94 +154,85 @@ def roi_offset(
         query position's match in the reference.
     """
     B, C, h, w = query.shape
-    P = 2 * coarse_radius + 1
-    padded = pad_for_window(ref_feat, P, dilation)
-    shifts = (torch.arange(P, device=query.device, dtype=query.dtype) - coarse_radius) * dilation
-    rows = _rows_per_band(P * P, w, chunk_size)
-    offsets = []
-    for y0 in range(0, h, rows):
-        n = min(rows, h - y0)
-        corr = correlate_rows(query[:, :, y0 : y0 + n], padded, y0, P, dilation) * scale
-        valid = (
-            _axis_valid(y0, n, h, P, dilation, query.device)[:, None, :, None]
-            & _axis_valid(0, w, w, P, dilation, query.device)[None, :, None, :]
-        ).reshape(1, P * P, n, w)
-        prob = _masked(corr, valid, border).softmax(dim=1).view(B, P, P, n, w)
-        dy = (prob.sum(dim=2) * shifts.view(1, P, 1, 1)).sum(dim=1)  # (B, n, w)
-        dx = (prob.sum(dim=1) * shifts.view(1, P, 1, 1)).sum(dim=1)  # (B, n, w)
-        offsets.append(torch.stack([dy, dx], dim=1))
-    return torch.cat(offsets, dim=2)
+    d, R = dilation, coarse_radius
+    P = 2 * R + 1
+    shifts = (torch.arange(P, device=query.device, dtype=query.dtype) - R) * d
+    offset = query.new_zeros(B, 2, h, w)
+    for ry in range(min(d, h)):
+        for rx in range(min(d, w)):
+            q_sub = query[:, :, ry::d, rx::d]  # the residue class: an undilated window there
+            k_sub = ref_feat[:, :, ry::d, rx::d]
+            hs, ws = q_sub.shape[-2:]
+            rows = _rows_per_band((2 * R + 1 + 1) * ws * ws, chunk_size, ws)
+            parts = []
+            for y0 in range(0, hs, rows):
+                n = min(rows, hs - y0)
+                ys, xs = _grid(y0, n, ws, B, query.device)
+                q = q_sub[:, :, y0 : y0 + n].flatten(2)
+                win = _Window(q, k_sub, ys - R, xs - R, P)
+                if border == "exclude":
+                    logits = win.dots * scale + (
+                        _axis_bias(win.Y, 0, hs - 1, q.dtype)[..., :, None]
+                        + _axis_bias(win.X, 0, ws - 1, q.dtype)[..., None, :]
+                    )
+                else:
+                    logits = win.dots * win.inside() * scale
+                prob = logits.flatten(2).softmax(-1).view(B, n * ws, P, P)
+                dy = (prob.sum(3) * shifts).sum(2)  # (B, N)
+                dx = (prob.sum(2) * shifts).sum(2)
+                parts.append(torch.stack([dy, dx], 1).view(B, 2, n, ws))
+            offset[:, :, ry::d, rx::d] = torch.cat(parts, 2)
+    return offset
 
 
 @dataclass
 class _Reference:
-    long_term: bool
-    feat: torch.Tensor  # short: padded (B, C, h+2R, w+2R); long: (B, C, h, w)
-    value: torch.Tensor  # short: padded (B, V, h+2R, w+2R); long: (B, V, h, w)
-    offset: torch.Tensor | None = None  # long: (B, 2, h, w)
+    feat: torch.Tensor  # (B, C, h, w)
+    value: torch.Tensor  # (B, V, h, w)
+    offset: torch.Tensor | None = None  # long-term: (B, 2, h, w); short-term: None
 
 
-def _short_window(q, ref: _Reference, y0: int, n: int, h: int, w: int, P: int):
-    """Window read of a short-term reference for query rows y0..y0+n-1.
-
-    Returns affinities (B, P*P, N), values (B, V, P*P, N), validity (1, P*P, N).
-    """
-    B, C = q.shape[:2]
-    feat_band = ref.feat[:, :, y0 : y0 + n + P - 1]  # (B, C, n + 2R, w + 2R)
-    keys = F.unfold(feat_band, P).view(B, C, P * P, n * w)
-    affinity = torch.einsum("bcn,bcpn->bpn", q.reshape(B, C, n * w), keys)
-    value_band = ref.value[:, :, y0 : y0 + n + P - 1]
-    values = F.unfold(value_band, P).view(B, -1, P * P, n * w)
-    valid = (
-        _axis_valid(y0, n, h, P, 1, q.device)[:, None, :, None]
-        & _axis_valid(0, w, w, P, 1, q.device)[None, :, None, :]
-    ).reshape(1, P * P, n * w)
-    return affinity, values, valid
-
-
-def _roi_window(q, ref: _Reference, y0: int, n: int, h: int, w: int, P: int):
-    """Bilinear P x P window of a long-term reference centred at pixel + its own offset."""
-    B, C = q.shape[:2]
-    R = P // 2
-    offset = ref.offset[:, :, y0 : y0 + n]  # (B, 2, n, w)
-    ys = torch.arange(y0, y0 + n, device=q.device, dtype=q.dtype).view(1, n, 1)
-    xs = torch.arange(w, device=q.device, dtype=q.dtype).view(1, 1, w)
-    centre_y = (ys + offset[:, 0]).reshape(B, n * w, 1)
-    centre_x = (xs + offset[:, 1]).reshape(B, n * w, 1)
-    window = torch.arange(-R, R + 1, device=q.device, dtype=q.dtype)
-    sample_y = centre_y + window.repeat_interleave(P).view(1, 1, P * P)  # (B, N, P*P)
-    sample_x = centre_x + window.repeat(P).view(1, 1, P * P)
-    # align_corners=True: -1 and +1 are the centres of the first and last pixels (defect 4).
-    grid = torch.stack(
-        [2 * sample_x / max(w - 1, 1) - 1, 2 * sample_y / max(h - 1, 1) - 1], dim=-1
-    )  # (B, N, P*P, 2)
-    keys = F.grid_sample(ref.feat, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    affinity = torch.einsum("bcn,bcnp->bpn", q.reshape(B, C, n * w), keys)  # (B, P*P, N)
-    values = F.grid_sample(
-        ref.value, grid, mode="bilinear", padding_mode="zeros", align_corners=True
-    )
-    values = values.transpose(2, 3)  # (B, V, P*P, N)
-    valid = (
-        (sample_y >= 0) & (sample_y <= h - 1) & (sample_x >= 0) & (sample_x <= w - 1)
-    ).transpose(1, 2)  # (B, P*P, N)
-    return affinity, values, valid
-
-
-def _read_band(
-    q, refs: list[_Reference], y0: int, h: int, w: int, P: int, scale: float, border: str
-):
-    B = q.shape[0]
-    n = q.shape[2]
-    affinities, values = [], []
+def _read_band(q, refs: list[_Reference], y0: int, w: int, R: int, scale: float, border: str):
+    """Read rows y0 .. y0 + n - 1 of the query from every reference with one joint softmax."""
+    B, C, n, _ = q.shape
+    P = 2 * R + 1
+    ys, xs = _grid(y0, n, w, B, q.device)
+    q = q.flatten(2)  # (B, C, N)
+    windows, logits = [], []
     for ref in refs:
-        window = _roi_window if ref.long_term else _short_window
-        affinity, value, valid = window(q, ref, y0, n, h, w, P)
-        affinities.append(_masked(affinity * scale, valid, border))
-        values.append(value)
-    weights = torch.cat(affinities, dim=1).softmax(dim=1)  # one joint softmax (B, sum P*P, N)
+        h = ref.feat.shape[2]
+        if ref.offset is None:  # short-term: integer window around the same position
+            win = _Window(q, ref.feat, ys - R, xs - R, P)
+            dots, sy, sx, frac = win.dots, win.Y, win.X, None
+        else:  # long-term: bilinear window around pixel + this reference's own offset
+            cy = ys + ref.offset[:, 0, y0 : y0 + n].flatten(1)  # (B, N)
+            cx = xs + ref.offset[:, 1, y0 : y0 + n].flatten(1)
+            frac = (cy - cy.floor(), cx - cx.floor())
+            win = _Window(q, ref.feat, cy.floor().long() - R, cx.floor().long() - R, P + 1)
+            if border == "zero":  # grid_sample's zero padding for corners off the image
+                win.dots = win.dots * win.inside()
+            dots = _bilinear(win.dots, *frac)
+            span = torch.arange(-R, R + 1, device=q.device, dtype=cy.dtype)
+            sy, sx = cy[..., None] + span, cx[..., None] + span  # (B, N, P) sample positions
+        if border == "exclude":
+            bias = (
+                _axis_bias(sy, 0, h - 1, dots.dtype)[..., :, None]
+                + _axis_bias(sx, 0, w - 1, dots.dtype)[..., None, :]
+            )
+            logit = dots * scale + bias
+        elif frac is None:  # "zero": off-image entries keep affinity 0 (and read value 0)
+            logit = dots * win.inside() * scale
+        else:
+            logit = dots * scale
+        windows.append((win, frac))
+        logits.append(logit.flatten(2))  # (B, N, P*P)
+    weights = torch.cat(logits, dim=2).softmax(dim=2)  # one joint softmax over all references
     out = 0
-    for k, value in enumerate(values):
-        out = out + torch.einsum("bpn,bvpn->bvn", weights[:, k * P * P : (k + 1) * P * P], value)
+    for k, (ref, (win, frac)) in enumerate(zip(refs, windows)):
+        weight = weights[:, :, k * P * P : (k + 1) * P * P].view(B, -1, P, P)
+        if frac is not None:
+            weight = _bilinear_transpose(weight, *frac)
+        out = out + win.read_values(weight * win.inside(), ref.value)  # (B, V, N)
     return out.view(B, -1, n, w)
 
 
@@ -203,7 +261,7 @@ def read_memory(
         scale: affinity scale before the softmax; None = 1/sqrt(C).
         long_term_gap, coarse_radius, max_dilation: ROI localisation settings.
         border: "exclude" (default) or "zero" (reference code), see module docstring.
-        chunk_size: query positions per band; 0 = automatic (about 64 MiB of temporaries).
+        chunk_size: query positions per band; 0 = automatic (bounded temporaries per band).
 
     Returns:
         (B, V, h, w).
@@ -223,10 +281,9 @@ def read_memory(
                 f"query {tuple(query.shape)}; values must already be at feature resolution"
             )
     scale = 1.0 / math.sqrt(C) if scale is None else float(scale)
-    P = 2 * radius + 1
     refs = []
     for feat, value, gap in zip(ref_feats, ref_values, gaps):
-        value = value.to(query.dtype)
+        offset = None
         if gap > long_term_gap:
             offset = roi_offset(
                 query,
@@ -237,21 +294,24 @@ def read_memory(
                 border=border,
                 chunk_size=chunk_size,
             )
-            refs.append(_Reference(True, feat, value, offset))
-        else:
-            refs.append(_Reference(False, pad_for_window(feat, P, 1), pad_for_window(value, P, 1)))
+        refs.append(_Reference(feat, value.to(query.dtype), offset))
+    P = 2 * radius + 1
     V = ref_values[0].shape[1]
-    per_position = P * P * (len(refs) * (1 + V) + C)  # affinities + value windows + one key window
-    rows = _rows_per_band(per_position, w, chunk_size)
+    # Per query row: the dense product against the reachable key rows (about P + 1 rows plus
+    # the band itself) and the gathered windows with their values, for every reference.
+    per_row = w * (w * (P + 2) + len(refs) * (P + 1) ** 2 * (3 + V))
+    rows = _rows_per_band(per_row, chunk_size, w)
     grad = torch.is_grad_enabled() and (
-        query.requires_grad or any(t.requires_grad for r in refs for t in (r.feat, r.value))
+        query.requires_grad or any(t.requires_grad for t in (*ref_feats, *ref_values))
     )
     bands = []
     for y0 in range(0, h, rows):
         q = query[:, :, y0 : y0 + rows]
         if grad:  # recompute the band in backward instead of keeping its windows
-            band = checkpoint(_read_band, q, refs, y0, h, w, P, scale, border, use_reentrant=False)
+            band = checkpoint(
+                _read_band, q, refs, y0, w, radius, scale, border, use_reentrant=False
+            )
         else:
-            band = _read_band(q, refs, y0, h, w, P, scale, border)
+            band = _read_band(q, refs, y0, w, radius, scale, border)
         bands.append(band)
     return torch.cat(bands, dim=2)

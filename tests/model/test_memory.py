@@ -154,9 +154,9 @@ def test_chunked_equals_unchunked(gaps):
 def test_gradients_flow_through_the_roi_path():
     kw = dict(radius=1, coarse_radius=2, max_dilation=2)
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 3, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
-    f = torch.randn(1, 3, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.rand(1, 2, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    q = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    f = torch.randn(1, 2, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.rand(1, 1, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: read_memory(a, [b], [c], [30], **kw), (q, f, v))
     # The coarse soft-argmax is part of the graph: the offset has a gradient of its own.
     offset = roi_offset(q, f, 2, 2, scale=0.5)
