@@ -58,7 +58,8 @@ class TrainingError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
     uri: str  # what the user gave (manifest or shards)
-    shards: list[str]  # readable shard URLs handed to the loader
+    shards: list[str]  # readable shard URLs
+    source: str | list[str]  # what the loader gets: the manifest, or the readable shards
     content_hash: str
     num_samples: int
     skipped: list[str]  # corrupt shards, recorded
@@ -139,7 +140,9 @@ def describe_data(data: str) -> DataInfo:
         if not good:
             raise ConfigError(f"data {path}: every shard is unreadable: {skipped}")
         shards = good
-    return DataInfo(data, shards, content_hash or "unknown", num_samples, skipped)
+    # The manifest itself when every shard is usable: the loader then weights shards by size.
+    source = path if (path.endswith(".json") and not skipped) else shards
+    return DataInfo(data, shards, source, content_hash or "unknown", num_samples, skipped)
 
 
 def _stage_dir(cfg: TrainConfig, run_name: str) -> Path:
@@ -183,7 +186,7 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
     latest = _latest_checkpoint(run_dir)
     loop_config = {
         "train": to_dict(cfg),
-        "source": data.shards,
+        "source": data.source,
         "run_dir": str(run_dir),
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,

@@ -264,6 +264,7 @@ def restore(ctx: dict[str, Any], resume_from: str | None) -> int:
         state = load_state(cfg.checkpoint.init_from, ctx["tracking_uri"] or None)
         check_compatible(state, model.model_args, cfg.checkpoint.init_from)
         model.load_state_dict(state["model"])
+        ctx["tracker"].set_tag("init_from", cfg.checkpoint.init_from)
         log.info("rank %d starts from weights %s", ctx["rank"], cfg.checkpoint.init_from)
     return 0
 

@@ -97,6 +97,8 @@ def test_bad_data_is_reported_clearly(tmp_path, train_shards):
     shards[0].write_bytes(shards[0].read_bytes()[:700])  # truncated mid-member
     info = describe_data(str(copy / "manifest.json"))
     assert len(info.shards) == len(shards) - 1 and info.num_samples > 0
+    assert info.source == info.shards  # the loader gets only the readable shards
+    assert describe_data(str(train_shards)).source == str(train_shards)  # intact: the manifest
     assert len(info.skipped) == 1 and shards[0].name in info.skipped[0]
     for s in shards[1:]:
         s.write_bytes(b"not a tar at all")
@@ -134,7 +136,8 @@ def test_three_stages_chain_register_and_reload(tmp_path, train_shards):
         images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert "images/step_00000004.png" in images
     # Each stage starts from the previous stage's final weights.
-    assert by_stage["main"].data.params["checkpoint.init_from"] == ""  # chained, not configured
+    assert by_stage["main"].data.tags["init_from"] == out["pretrain"]["checkpoint"]
+    assert by_stage["dynamic"].data.tags["init_from"] == out["main"]["checkpoint"]
     # The dynamic stage really read long-term references (> 15 frames back).
     history = client.get_metric_history(by_stage["dynamic"].info.run_id, "long_term_refs")
     assert sum(m.value for m in history) > 0

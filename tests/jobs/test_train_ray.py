@@ -4,6 +4,7 @@ learning, worker-failure recovery and resume of an interrupted run by its name."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def ray_local():
     import ray
 
+    # Workers inherit the environment of the raylet this starts: sample system metrics each second.
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -48,6 +51,7 @@ def test_ddp_ranks_stay_identical_and_loss_decreases(ray_local, tmp_path, train_
     args = _args(
         tmp_path, train_shards, "schedule.steps=40", "mlflow.log_every_steps=10",
         "checkpoint.every_steps=40", "optim.lr=3e-3", "schedule.milestones=[0.9]",
+        "mlflow.system_metrics=true",
     )  # fmt: skip
     out = main(args)
     final = Path(out["pretrain"]["checkpoint"])
@@ -60,6 +64,7 @@ def test_ddp_ranks_stay_identical_and_loss_decreases(ray_local, tmp_path, train_
         for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     ]
     assert len(losses) == 4 and losses[-1] < 0.85 * losses[0], losses
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
     wait = client.get_metric_history(run.info.run_id, "data_wait_fraction")
     assert all(0 <= m.value < 1 for m in wait)
 
