@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
 from jobs.config import load_config, replace, to_dict
