@@ -19,7 +19,13 @@ Two modes:
   first samples, so every rank yields ceil(N / world_size) samples in ceil(that / B) batches,
   and the ranks together see every sample at least once.
 
-Corrupt shards (unreadable tar) and corrupt clips are skipped with a warning and counted in
+Shuffling buffers `shuffle_buffer` still-compressed clips (cheap), then decodes; frame
+selection per stage and the random crop are in pipeline/samples.py. `samples_per_clip` = k
+draws k training samples from each decoded clip (resampled mode), dividing shard reads and
+decodes per sample by k (bench/loader.py: k = 4 keeps one GPU's feed under 100 MB/s and
+4 CPUs); a small buffer spreads them over several batches.
+
+Corrupt shards (unreadable tar, or fewer samples than the manifest says) and corrupt clips are skipped with a warning and counted in
 `loader.stats` (shared across DataLoader workers); the epoch loader pads the batches that a
 corrupt shard leaves short, so the batch count stays equal on every rank.
 """

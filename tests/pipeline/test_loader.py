@@ -109,6 +109,19 @@ def test_resampled_is_infinite_seeded_and_rank_specific(shards):
         assert set(b["gaps"].flatten().tolist()) <= {2, 5, 8}
 
 
+def test_samples_per_clip_reuses_each_decoded_clip(shards):
+    dst, _, stored = shards
+    cfg = _cfg(samples_per_clip=3, shuffle_buffer=0)
+    loader = make_train_loader(str(dst / "manifest.json"), cfg, rank=0, world_size=1, seed=0)
+    batches = [b for _, b in zip(range(3), loader)]  # 12 samples
+    keys = [k for b in batches for k in b["keys"]]
+    # 3 samples per decoded clip, spread by a 12-sample buffer: <= 23 drawn from <= 8 clips.
+    assert len(keys) == 12 and len(set(keys)) <= 8
+    assert max(keys.count(k) for k in keys) >= 2
+    for b in batches:
+        _check_against_store(b, stored)
+
+
 def test_pair_gap_probabilities():
     rng = np.random.default_rng(0)
     cfg = _cfg()
@@ -136,6 +149,28 @@ def test_memory_stages_select_short_and_long_term_references():
         assert len(order) == 4 and order == sorted(order) and all(0 < g <= 15 for g in gaps)
     with pytest.raises(UnusableClip, match="configs/ingest/dynamic.yaml"):
         select_frames(list(range(9)), dynamic, rng)
+
+
+@pytest.mark.parametrize(
+    "stage, refs",
+    [("pretrain", {}), ("main", {"num_short_refs": 3}),
+     ("dynamic", {"num_short_refs": 1, "num_long_refs": 1}),
+     ("dynamic", {"num_short_refs": 3, "num_long_refs": 2})],
+)  # fmt: skip
+def test_demo_and_stage_ingest_configs_serve_their_stages(stage, refs):
+    """configs/ingest/demo.yaml serves all three stages; each stage config serves its own."""
+    from jobs.config import load_config
+
+    rng = np.random.default_rng(0)
+    cfg = _cfg(stage=stage, **refs)
+    names = ["demo", stage]
+    for name in names:
+        offsets = list(load_config(IngestConfig, f"configs/ingest/{name}.yaml").offsets)
+        gaps = {tuple(select_frames(offsets, cfg, rng)[1]) for _ in range(200)}
+        if stage == "pretrain":
+            assert {g[0] for g in gaps} == {2, 5, 8}
+        else:
+            assert all(sum(x > 15 for x in g) == refs.get("num_long_refs", 0) for g in gaps)
 
 
 def test_dynamic_loader_on_short_clips_fails_loudly(shards):

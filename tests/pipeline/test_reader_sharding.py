@@ -75,7 +75,7 @@ def test_config_validation_and_shipped_configs():
         from_dict(IngestConfig, {"clip_length": 3})
     dyn = load_config(IngestConfig, "configs/ingest/dynamic.yaml")
     assert dyn.offsets[-1] - dyn.offsets[0] > 15 and dyn.span == 30
-    for name in ("pretrain", "main", "demo"):
+    for name in ("pretrain", "main"):
         cfg = load_config(IngestConfig, f"configs/ingest/{name}.yaml")
         assert cfg.span <= 15
     assert load_config(IngestConfig, "configs/ingest/demo.yaml", ["size=[64,64]"]).size == (64, 64)
