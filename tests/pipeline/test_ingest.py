@@ -254,3 +254,26 @@ def test_killed_driver_rerun_equals_uninterrupted_run(ray_local, tmp_path):
         with tarfile.open(killed / name) as tar:
             keys += [m.name for m in tar.getmembers() if m.name.endswith(".json")]
     assert len(keys) == len(set(keys)) == 6 * 125  # nothing duplicated or missing
+
+
+def test_shard_that_cannot_be_written_is_retried_once_then_reported(ray_local, tmp_path, caplog):
+    from ingest_media import write_video
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        write_video(src / f"{name}.mp4", 8, 32, 32)
+    dst = tmp_path / "out"
+    (dst / "shard-000001.tar").mkdir(parents=True)  # a directory where the tar must go
+    cfg = from_dict(IngestConfig, {**CFG, "videos_per_shard": 1})
+    with caplog.at_level("WARNING", logger="pipeline.distributor"):
+        manifest = ingest(str(src), str(dst), cfg, progress=False)
+    assert manifest["shards"] == ["shard-000000.tar"] and manifest["num_samples"] == 2
+    assert list(manifest["incomplete_shards"]) == ["shard-000001.tar"]
+    assert "IsADirectoryError" in manifest["incomplete_shards"]["shard-000001.tar"]
+    assert manifest["videos"] == {"total": 2, "ok": 1, "skipped": 0, "failed": 1}
+    assert sum("retrying 1 failed shards once" in r.message for r in caplog.records) == 1
+    # Fixed destination: the rerun writes only the missing shard.
+    (dst / "shard-000001.tar").rmdir()
+    fixed = ingest(str(src), str(dst), cfg, progress=False)
+    assert fixed["incomplete_shards"] == {} and fixed["num_samples"] == 4
