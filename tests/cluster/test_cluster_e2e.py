@@ -50,6 +50,16 @@ def node_of(cluster) -> dict[str, str]:
     }
 
 
+def committed_step(run_dir: Path) -> int:
+    """Step of Ray Train's latest registered checkpoint (its checkpoint manager snapshot)."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):  # not written yet, or mid-write
+        return -1
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("step", -1))
+
+
 def runs_named(client: mlflow.MlflowClient, experiment: str, run_name: str):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no MLflow experiment {experiment!r}"
@@ -166,13 +176,14 @@ def test_training_survives_losing_the_worker_node(ray_cluster, mlflow_server, sh
         submission_id=f"ft-{uuid.uuid4().hex[:6]}",
     )  # fmt: skip
 
+    # Kill only once a checkpoint is *committed*: its directory appears while Ray is still
+    # persisting it, and a checkpoint that was never registered is rightly not resumed from.
     deadline = time.monotonic() + 300
-    while not list(storage.glob("*/checkpoint_*")):
-        assert ray_cluster.job_status(submission) in ("PENDING", "RUNNING"), ray_cluster.job_logs(
-            submission
-        )[-6000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300s"
-        time.sleep(0.5)
+    while committed_step(storage / f"{run_name}-pretrain") < 2:
+        status = ray_cluster.job_status(submission)
+        assert status in ("PENDING", "RUNNING"), ray_cluster.job_logs(submission)[-6000:]
+        assert time.monotonic() < deadline, "no committed checkpoint within 300s"
+        time.sleep(0.2)
     killed = ray_cluster.kill_node("worker")
     assert killed > 0
     ray_cluster.add_worker("worker2")  # the replacement machine
@@ -188,7 +199,7 @@ def test_training_survives_losing_the_worker_node(ray_cluster, mlflow_server, sh
     history = client.get_metric_history(child.info.run_id, "resumed_from_step")
     assert history and all(m.value >= 2 for m in history), "resumed from a checkpoint, not step 0"
     loss_steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
-    assert max(loss_steps) == steps
+    assert max(loss_steps) == steps and len(loss_steps) == len(set(loss_steps)), loss_steps
     assert len(client.search_model_versions("name='mast-ft'")) == 1
     workers = ray_cluster.list_state("actors", submission, "class_name=RayTrainWorker")
     assert len({w["node_id"] for w in workers}) == 3  # head, the killed worker, its replacement
