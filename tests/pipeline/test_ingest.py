@@ -218,7 +218,7 @@ def test_killed_driver_rerun_equals_uninterrupted_run(ray_local, tmp_path):
     for i in range(6):  # six shards of real video, written one at a time
         shutil.copy(sample_video_dir() / "bikes.mp4", src / f"v{i}.mp4")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    args = ["--input", str(src), "--config", "configs/ingest/demo.yaml", "--no-progress",
+    args = ["--input", str(src), "--config", "configs/ingest/pretrain.yaml", "--no-progress", "videos_per_shard=1",
             "size=[64,64]", "clips_per_video=0", "clip_len=2", "max_in_flight=1"]  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
