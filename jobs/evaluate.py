@@ -155,9 +155,13 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
     names, split_size = resolve_sequences(davis_root, cfg)
     tracking_uri = ""
     if cfg.mlflow.enabled:
-        from jobs.tracking import resolve_tracking_uri
+        from jobs.tracking import TrackingError, check_reachable, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+        try:
+            check_reachable(tracking_uri)  # fail before the work, not after it
+        except TrackingError as e:
+            raise EvalError(str(e)) from e
     client = ref = None
     try:
         if cfg.mlflow.enabled:
@@ -192,12 +196,9 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
     objects = [o for r in results if r.ok for o in r.objects]
     scores = global_scores(objects) if objects else None
     artifacts = list(write_results_csvs(output, cfg.split, objects)) if objects else []
-    for path in (
-        output / f"global_results-{cfg.split}.csv",
-        output / f"per-sequence_results-{cfg.split}.csv",
-    ):
-        if not objects:
-            path.unlink(missing_ok=True)  # never leave stale numbers beside a failed run
+    if not objects:  # never leave stale numbers beside a run that scored nothing
+        for csv in (f"global_results-{cfg.split}.csv", f"per-sequence_results-{cfg.split}.csv"):
+            (output / csv).unlink(missing_ok=True)
     summary["scores"] = scores
     if cfg.mlflow.enabled:
         from jobs.eval_mlflow import log_evaluation, tag_model_version
