@@ -8,10 +8,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from jobs.tracking import load_model
 from jobs.train import TrainingError, main, parse_args
+from jobs.train_config import load_stage_configs
 from jobs.train_loop import FAULT_MARKER, RANK_DIGESTS_FILE
+from model import MAST
+from pipeline.loader import make_epoch_loader
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,10 +52,20 @@ def _stage_run(tmp_path, run):
     return client, next(r for r in runs if r.data.tags["mast.role"] == "stage")
 
 
+def _fixed_loss(model, batches) -> float:
+    model.train()  # batch statistics: comparable between initial and trained BatchNorm
+    total = 0.0
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            torch.manual_seed(i)
+            total += model(batch["frames"], batch["gaps"]).loss.item()
+    return total / len(batches)
+
+
 def test_ddp_ranks_stay_identical_and_loss_decreases(ray_local, tmp_path, train_shards):
     args = _args(
         tmp_path, train_shards, "schedule.steps=40", "mlflow.log_every_steps=10",
-        "checkpoint.every_steps=40", "optim.lr=3e-3", "schedule.milestones=[0.9]",
+        "checkpoint.every_steps=40", "schedule.milestones=[0.9]",
         "mlflow.system_metrics=true",
     )  # fmt: skip
     out = main(args)
@@ -59,11 +74,19 @@ def test_ddp_ranks_stay_identical_and_loss_decreases(ray_local, tmp_path, train_
     assert len(digests) == 2 and digests[0] == digests[1]  # parameters, bit-identical
     client, run = _stage_run(tmp_path, "t")
     assert run.data.metrics["ranks_in_sync"] == 1
-    losses = [
-        m.value
-        for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
-    ]
-    assert len(losses) == 4 and losses[-1] < 0.85 * losses[0], losses
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == [10, 20, 30, 40]
+    # Learning, measured without batch noise: a fixed set of clips (epoch loader, own seed),
+    # fixed channel-dropout seeds, the initial weights (same seed as the loop) vs the final.
+    cfg = load_stage_configs(
+        ROOT / "configs/train/demo.yaml", ["pretrain"], ["loader.batch_size=8"]
+    )[0]
+    batches = list(make_epoch_loader(str(train_shards), cfg.loader, rank=0, world_size=1, seed=123))
+    final_model = load_model(str(final))
+    torch.manual_seed(0)
+    initial_model = MAST(**final_model.model_args)
+    before, after = _fixed_loss(initial_model, batches), _fixed_loss(final_model, batches)
+    assert after < 0.7 * before, (before, after)
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
     wait = client.get_metric_history(run.info.run_id, "data_wait_fraction")
     assert all(0 <= m.value < 1 for m in wait)
