@@ -107,18 +107,21 @@ class MAST(nn.Module):
 
     def _read(self, query, ref_feats, ref_values, gaps, radius) -> torch.Tensor:
         a = self.model_args
-        return read_memory(
-            query,
-            ref_feats,
-            ref_values,
-            gaps,
-            radius,
-            scale=self.scale,
-            long_term_gap=a["long_term_gap"],
-            coarse_radius=a["coarse_radius"],
-            max_dilation=a["max_dilation"],
-            chunk_size=a["chunk_size"],
-        )
+        # The read runs in fp32 even under bf16 autocast: its softmax spans thousands of
+        # entries and bf16's 8-bit mantissa would flatten it. The encoder keeps autocast.
+        with torch.autocast(query.device.type, enabled=False):
+            return read_memory(
+                query.float(),
+                [f.float() for f in ref_feats],
+                [v.float() for v in ref_values],
+                gaps,
+                radius,
+                scale=self.scale,
+                long_term_gap=a["long_term_gap"],
+                coarse_radius=a["coarse_radius"],
+                max_dilation=a["max_dilation"],
+                chunk_size=a["chunk_size"],
+            )
 
     def forward(self, frames: torch.Tensor, gaps: torch.Tensor | Sequence[int]) -> MASTOutput:
         """Self-supervised reconstruction of the target's dropped channel.

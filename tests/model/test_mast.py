@@ -123,3 +123,14 @@ def test_propagate_void_and_label_id_errors(real_frames):
         model.propagate(lab8, first, max_objects=7)
     # Without max_objects the channels follow the mask: id 9 -> 10 channels, no crash.
     assert model.propagate(lab8[:2], first).shape == (2, 96, 128)
+
+
+def test_memory_read_stays_fp32_under_bf16_autocast(real_frames):
+    torch.manual_seed(0)
+    model = MAST(width=8)
+    clip = lab_clip(real_frames["bikes.mp4"][:2])[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(clip, [3])
+    assert out.reconstruction.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
