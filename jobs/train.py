@@ -127,8 +127,16 @@ def describe_data(data: str) -> DataInfo:
         missing = [
             s for s in shards if "{" not in s and not os.path.isfile(s.removeprefix("file://"))
         ]
+        if missing and missing == shards and len(shards) == 1:
+            raise ConfigError(
+                f"data {path} does not exist; give a manifest.json written by jobs.ingest, "
+                "its directory, or .tar shard paths"
+            )
         if missing:
-            raise ConfigError(f"data {path}: {len(missing)} shards missing, e.g. {missing[0]}")
+            raise ConfigError(
+                f"data {path}: {len(missing)} of {len(shards)} shards missing, e.g. {missing[0]}; "
+                "rerun jobs.ingest on the same output to finish them"
+            )
         good = []
         for s in shards:
             reason = _tar_ok(s.removeprefix("file://")) if "{" not in s else ""

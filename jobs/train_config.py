@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,8 +154,11 @@ class TrainConfig:
             raise ConfigError(
                 f"fault_at_step={self.fault_at_step} must be < schedule.steps={self.schedule.steps}"
             )
-        if self.run_name and any(c in self.run_name for c in "/\\ "):
-            raise ConfigError(f"run_name={self.run_name!r} must not contain '/', '\\' or spaces")
+        if self.run_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.run_name):
+            raise ConfigError(
+                f"run_name={self.run_name!r} may only hold letters, digits, '.', '_' and '-' "
+                "(it names a directory and an MLflow run)"
+            )
 
 
 def _stage_values(raw: dict[str, Any], stage: str, path: Path) -> dict[str, Any]:

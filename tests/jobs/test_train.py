@@ -51,6 +51,8 @@ def test_config_typo_and_mismatch_are_named():
         load_stage_configs(DEMO, ["dynamic"], ["model.long_term_gap=20"])
     with pytest.raises(ConfigError, match="--stages.*choose one of"):
         load_stage_configs(DEMO, ["pretrian"], [])
+    with pytest.raises(ConfigError, match="run_name='a b' may only hold letters"):
+        load_stage_configs(DEMO, ["main"], ["run_name=a b"])
     with pytest.raises(ConfigError, match="set the stage with --stages"):
         load_stage_configs(DEMO, ["main"], ["loader.stage=pretrain"])
 
@@ -84,6 +86,8 @@ def test_lr_halves_at_iteration_milestones():
 def test_bad_data_is_reported_clearly(tmp_path, train_shards):
     with pytest.raises(ConfigError, match="no training data: pass --data"):
         describe_data("")
+    with pytest.raises(ConfigError, match="does not exist; give a manifest.json"):
+        describe_data(str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="does not exist; run jobs.ingest"):
         describe_data(str(tmp_path / "nope" / "manifest.json"))
     empty = tmp_path / "empty"
