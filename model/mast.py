@@ -144,7 +144,7 @@ class MAST(nn.Module):
         values = channel[:, :, None, ::STRIDE, ::STRIDE]  # (B, T, 1, h, w) strided, not pooled
         target = channel[:, -1:]  # (B, 1, H, W)
         # Samples with the same gaps share one read (gaps decide short vs long-term reads).
-        out = feats.new_zeros(B, 1, *feats.shape[-2:])
+        out = feats.new_zeros(B, 1, *feats.shape[-2:], dtype=torch.float32)
         long_term = 0
         for row in torch.unique(gaps, dim=0):
             idx = (gaps == row).all(dim=1).nonzero().squeeze(1).to(lab.device)
