@@ -90,7 +90,8 @@ def _read_done(shards: list[Any], cfg: IngestConfig) -> dict[int, dict[str, Any]
 def ingest(
     src: str, dst: str, cfg: IngestConfig, *, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
-    """Run the whole job (Ray must be initialised); returns the manifest."""
+    """Run the whole job (Ray must be initialised); returns the manifest, plus run figures
+    under keys starting with "_" (wall seconds, task CPU seconds, frames written)."""
     start = time.perf_counter()
     videos = list_videos(src, cfg.extensions)
     storage.makedirs(dst)
@@ -104,10 +105,13 @@ def ingest(
     )  # fmt: skip
     completed, errors = run_shards(todo, cfg, progress=progress)
     for s in completed:
-        stats[s["index"]] = {k: v for k, v in s.items() if k != "seconds"}
+        stats[s["index"]] = {k: v for k, v in s.items() if k not in ("seconds", "cpu_seconds")}
     manifest = build_manifest(shards, stats, errors, cfg)
     write_manifest(dst, manifest)
+    # Run figures, not part of the written manifest (which is deterministic).
     manifest["_seconds"] = time.perf_counter() - start
+    manifest["_task_cpu_seconds"] = sum(s["cpu_seconds"] for s in completed)
+    manifest["_frames_written"] = sum(s["num_frames"] for s in completed)
     return manifest
 
 
@@ -132,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 1
     seconds = manifest.pop("_seconds")
+    manifest = {k: v for k, v in manifest.items() if not k.startswith("_")}
     print(summary_table(manifest, seconds))
     print(f"manifest: {storage.join(args.output, MANIFEST)}")
     return 2 if manifest["incomplete_shards"] else 0
