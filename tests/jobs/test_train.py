@@ -206,3 +206,19 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, train_shards):
     assert not list((tmp_path / "ray" / "nan-pretrain").glob("checkpoint_*"))
     _, runs = _runs(tmp_path, "nan")
     assert {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_corrupt_latest_checkpoint_falls_back_on_resume(tmp_path, train_shards):
+    args = _args(tmp_path, train_shards, "schedule.steps=6", "fault_at_step=5", run="c")
+    with pytest.raises(RuntimeError, match="injected fault at step 5"):
+        main(args)
+    stage_dir = tmp_path / "ray" / "c-pretrain"
+    (stage_dir / "checkpoint_00000004" / "checkpoint.pt").write_bytes(b"\x00" * 100)  # torn write
+    out = main(args)
+    assert out["pretrain"]["checkpoint"].endswith("checkpoint_00000006")
+    recorded = (stage_dir / "corrupt_checkpoints.jsonl").read_text()
+    assert "checkpoint_00000004" in recorded and "corrupt" in recorded
+    _, runs = _runs(tmp_path, "c")
+    child = next(r for r in runs if r.data.tags["mast.role"] == "stage")
+    assert child.data.metrics["resumed_from_step"] == 2  # the previous, readable checkpoint
+    assert child.data.tags["corrupt_checkpoints_skipped"].endswith("checkpoint_00000004")
