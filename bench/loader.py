@@ -6,8 +6,8 @@ format's cost: bytes per stored frame and clip decode speed per codec.
 Shards: the sample videos (bikes, carphone, bigbuckbunny) ingested with
 configs/ingest/pretrain.yaml (256x256, 9-frame clips, JPEG q95), by the shard worker.
 - loader: `make_train_loader` in the pretrain stage, batch 12, crop 256, in-process
-  (num_workers=0), one torch and one OpenCV thread: clips/s per CPU. Also with
-  samples_per_clip=4 (four pairs per decoded clip).
+  (num_workers=0), one torch and one OpenCV thread: clips per CPU-second (process CPU
+  time; wall clock too). Also with samples_per_clip=4 (four pairs per decoded clip).
 - training: `bench.train_step.measure_train_step(size=256, batch=4)` when it exists, else a
   forward + backward of `model.MAST()` on a (4, 2, 3, 256, 256) batch: clips/s.
 - codec: bytes per frame and decode frames/s (one thread) for jpeg, png and raw clips.
@@ -69,17 +69,19 @@ def codec_figures(manifest: Path) -> tuple[float, float]:
     return meta["bytes"] / meta["num_frames"], frames / (time.perf_counter() - start)
 
 
-def loader_rate(manifest: Path, batches: int, per_clip: int) -> float:
+def loader_rate(manifest: Path, batches: int, per_clip: int) -> tuple[float, float]:
+    """(clips/s wall clock, clips per CPU-second of this process) of the in-process loader."""
     cfg = LoaderConfig(stage="pretrain", batch_size=12, num_workers=0, crop_size=256,
                        shuffle_buffer=64, samples_per_clip=per_clip)  # fmt: skip
     loader = iter(make_train_loader(str(manifest), cfg, rank=0, world_size=1, seed=0))
     for _ in range(2):  # fill the shuffle buffer
         next(loader)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
         batch = next(loader)
     assert batch["frames"].shape == (12, 2, 3, 256, 256)
-    return batches * 12 / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return batches * 12 / wall, batches * 12 / cpu
 
 
 def train_rate(steps: int) -> tuple[float, str]:
@@ -130,16 +132,19 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"bytes_per_frame_{storage}"] = round(bpf)
             result[f"decode_fps_{storage}"] = round(fps)
         clip_frames = len(cfg.offsets)
-        loader1 = loader_rate(manifest, args.batches, 1)
-        loader4 = loader_rate(manifest, args.batches, 4)
+        wall1, loader1 = loader_rate(manifest, args.batches, 1)
+        _, loader4 = loader_rate(manifest, args.batches, 4)
         train, how = train_rate(args.train_steps)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     clip_bytes = result["bytes_per_frame_jpeg"] * clip_frames
     result.update(
         {
-            "loader_clips_per_s_per_cpu": round(loader1, 1),
-            "loader_clips_per_s_per_cpu_4_per_clip": round(loader4, 1),
+            # Per CPU-second: process CPU time, one torch and one OpenCV thread (robust to
+            # other load on the machine); wall clock alongside.
+            "loader_clips_per_cpu_s": round(loader1, 1),
+            "loader_clips_per_cpu_s_4_per_clip": round(loader4, 1),
+            "loader_clips_per_s_wall": round(wall1, 1),
             "train_clips_per_s": round(train, 3),
             "train_measured_with": how,
             "loader_vs_train_ratio": round(loader1 / train, 1),
