@@ -88,12 +88,19 @@ def _read_done(shards: list[Any], cfg: IngestConfig) -> dict[int, dict[str, Any]
 
 
 def ingest(
-    src: str, dst: str, cfg: IngestConfig, *, overwrite: bool = False, progress: bool = True
+    src: str,
+    dst: str,
+    cfg: IngestConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    videos: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the whole job (Ray must be initialised); returns the manifest, plus run figures
     under keys starting with "_" (wall seconds, task CPU seconds, frames written)."""
     start = time.perf_counter()
-    videos = list_videos(src, cfg.extensions)
+    if videos is None:
+        videos = list_videos(src, cfg.extensions)
     storage.makedirs(dst)
     clean(dst, everything=overwrite)
     shards = assign(videos, dst, cfg.videos_per_shard)
@@ -119,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(IngestConfig, args.config, args.overrides)
-    except ConfigError as e:
+        videos = list_videos(args.input, cfg.extensions)  # bad input fails before Ray starts
+    except (ConfigError, InputError) as e:
         log.error("%s", e)
         return 1
     import ray
@@ -130,9 +138,10 @@ def main(args: argparse.Namespace) -> int:
         ray.init(log_to_driver=False, **local)
     try:
         manifest = ingest(
-            args.input, args.output, cfg, overwrite=args.overwrite, progress=not args.no_progress
-        )
-    except (InputError, ConfigError) as e:
+            args.input, args.output, cfg, overwrite=args.overwrite,
+            progress=not args.no_progress, videos=videos,
+        )  # fmt: skip
+    except ConfigError as e:
         log.error("%s", e)
         return 1
     seconds = manifest.pop("_seconds")
