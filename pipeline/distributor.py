@@ -98,7 +98,7 @@ def run_shards(
                     if now - submitted > cfg.task_timeout_s:
                         ray.cancel(ref, force=True)
                         del pending[ref]
-                        errors[spec.index] = f"timed out after {cfg.task_timeout_s:.0f}s"
+                        errors[spec.index] = f"timed out after {cfg.task_timeout_s:g}s"
                         log.warning("shard %s %s; cancelled", spec.name, errors[spec.index])
                         failed_now.append(spec)
         if round_no == 0:

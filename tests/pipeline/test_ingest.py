@@ -277,3 +277,22 @@ def test_shard_that_cannot_be_written_is_retried_once_then_reported(ray_local, t
     (dst / "shard-000001.tar").rmdir()
     fixed = ingest(str(src), str(dst), cfg, progress=False)
     assert fixed["incomplete_shards"] == {} and fixed["num_samples"] == 4
+
+
+def test_task_over_its_timeout_is_cancelled_retried_and_reported(ray_local, tmp_path):
+    """A task stuck past task_timeout_s (here: simply a slow one) does not hang the run."""
+    import shutil
+    import time
+
+    from ingest_media import sample_video_dir
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(sample_video_dir() / "bikes.mp4", src / "slow.mp4")
+    cfg = from_dict(IngestConfig, {**CFG, "clips_per_video": 0, "clip_stride": 1,
+                                   "task_timeout_s": 0.3})  # fmt: skip
+    start = time.monotonic()
+    manifest = ingest(str(src), str(tmp_path / "out"), cfg, progress=False)
+    assert time.monotonic() - start < 30
+    assert manifest["shards"] == [] and manifest["videos"]["failed"] == 1
+    assert manifest["incomplete_shards"] == {"shard-000000.tar": "timed out after 0.3s"}
