@@ -61,6 +61,16 @@ def build_manifest(
             {"path": v["path"], "status": v["status"], "message": v["message"]}
             for v in videos
             if v["status"] != "ok"
+        ]
+        + [
+            {
+                "path": v,
+                "status": "failed",
+                "message": f"{s.name} incomplete: {errors.get(s.index, '')}",
+            }
+            for s in shards
+            if s.index not in stats
+            for v in s.videos
         ],
         "incomplete_shards": {shards[i].name: e for i, e in sorted(errors.items())},
         "clip_frames": len(cfg.offsets),

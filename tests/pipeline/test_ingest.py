@@ -296,3 +296,5 @@ def test_task_over_its_timeout_is_cancelled_retried_and_reported(ray_local, tmp_
     assert time.monotonic() - start < 30
     assert manifest["shards"] == [] and manifest["videos"]["failed"] == 1
     assert manifest["incomplete_shards"] == {"shard-000000.tar": "timed out after 0.3s"}
+    assert manifest["problems"] == [{"path": str(src / "slow.mp4"), "status": "failed",
+                                     "message": "shard-000000.tar incomplete: timed out after 0.3s"}]  # fmt: skip
