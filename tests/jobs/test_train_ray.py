@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def ray_local():
     import ray
 
+    if ray.is_initialized():  # left over by another module: start our own with our settings
+        ray.shutdown()
     # Workers inherit the environment of the raylet this starts: sample system metrics each second.
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
