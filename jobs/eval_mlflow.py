@@ -59,7 +59,10 @@ def resolve_model_ref(client, uri: str) -> ModelRef:
         mv = client.get_model_version_by_alias(name, m["alias"])
     else:
         mv = client.get_model_version(name, m["version"])
-    return ModelRef(uri, name, str(mv.version), getattr(mv, "model_id", None) or "")
+    model_id = getattr(mv, "model_id", None) or ""
+    if not model_id and str(mv.source).startswith("models:/m-"):
+        model_id = str(mv.source).removeprefix("models:/")  # MLflow 3 LoggedModel source
+    return ModelRef(uri, name, str(mv.version), model_id)
 
 
 def object_table(objects: list[ObjectScore]) -> pd.DataFrame:

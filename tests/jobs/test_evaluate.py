@@ -224,6 +224,10 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     )
     assert v1.tags[version_tag("val", "scope")] == "full"
     assert v1.tags[version_tag("val", "run_id")] == run.info.run_id
+    # The numbers also sit on the version's LoggedModel page (MLflow 3).
+    logged = client.get_logged_model(str(v1.source).removeprefix("models:/"))
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["davis_val/JF-Mean"] == pytest.approx(first["scores"]["J&F-Mean"])
 
     # Version 2 is promoted only if it beats version 1 on the same split.
     args2 = [a.replace("mast-eval-test/1", "mast-eval-test/2").replace("/v1", "/v2") for a in args]
