@@ -69,14 +69,22 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def select_device() -> torch.device:
-    if torch.cuda.is_available():
-        import ray.train
+def select_device(local_mode: bool) -> torch.device:
+    """This worker's GPU (nccl, bf16 autocast) or the CPU (gloo, fp32)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    import ray.train
 
-        local_rank = ray.train.get_context().get_local_rank()
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if local_mode:  # in the driver (optionally under torchrun): the local rank's GPU
+        device = torch.device("cuda", ray.train.get_context().get_local_rank())
+    else:
+        # Ray sets CUDA_VISIBLE_DEVICES per worker; get_device maps the assigned GPU id to
+        # the index this process sees (not necessarily the local rank).
+        from ray.train.torch import get_device
+
+        device = get_device()
+    torch.cuda.set_device(device)
+    return device
 
 
 @dataclasses.dataclass
@@ -282,7 +290,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     threads = cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
-    device = select_device()
+    device = select_device(config.get("local_mode", False))
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MAST(**dataclasses.asdict(cfg.model)).to(device)
     optimizer, scheduler = build_optimizer(cfg, model)
