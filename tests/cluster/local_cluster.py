@@ -1,8 +1,11 @@
 """A real multi-node Ray cluster and a real MLflow server on this machine, for tests.
 
 `LocalRayCluster` runs `ray start --head` and `ray start --address=...` as separate processes,
-exactly as an engineer does on two machines, only with every port chosen free on loopback and
-every node in its own `--temp-dir`. `MlflowServer` runs `mlflow server` with a SQLite backend
+exactly as an engineer does on two machines, only with every port chosen free and every node in
+its own `--temp-dir`. (Ray maps `--node-ip-address=127.0.0.1` to the machine's primary address,
+services.resolve_ip_for_localhost, so GCS and raylets listen there; the dashboard and job server
+bind 127.0.0.1. Both nodes share one IP, so Ray Train reports them as one "node" in
+local_rank/node_rank; placement by node id, which the tests check, is still per node.) `MlflowServer` runs `mlflow server` with a SQLite backend
 store and a separate artifact root. Both only ever stop processes they started:
 
 - `ray stop` is never used: it kills *every* Ray process on the machine, including the local
@@ -47,9 +50,9 @@ MLFLOW = str(VENV_BIN / "mlflow")
 
 
 def free_port() -> int:
-    """A TCP port that is free on loopback right now (the usual small race is accepted)."""
+    """A TCP port free on every interface right now (the usual small race is accepted)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
