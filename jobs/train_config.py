@@ -215,5 +215,10 @@ def _finish(values: dict[str, Any], overrides: list[str]) -> TrainConfig:
             raise ConfigError("set the stage with --stages, not loader.stage=...")
         _merge(values, keys, value)
     cfg = from_dict(TrainConfig, values)
+    if "://" in cfg.storage_path:
+        raise ConfigError(
+            f"storage_path={cfg.storage_path!r}: checkpoints need a local or shared-filesystem "
+            "path (e.g. an NFS mount on every node); object-store URLs are not supported yet"
+        )
     storage = os.path.abspath(os.path.expanduser(cfg.storage_path))
     return dataclasses.replace(cfg, storage_path=storage)

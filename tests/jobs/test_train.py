@@ -53,6 +53,8 @@ def test_config_typo_and_mismatch_are_named():
         load_stage_configs(DEMO, ["pretrian"], [])
     with pytest.raises(ConfigError, match="run_name='a b' may only hold letters"):
         load_stage_configs(DEMO, ["main"], ["run_name=a b"])
+    with pytest.raises(ConfigError, match="object-store URLs are not supported yet"):
+        load_stage_configs(DEMO, ["main"], ["storage_path=s3://bucket/ray"])
     with pytest.raises(ConfigError, match="set the stage with --stages"):
         load_stage_configs(DEMO, ["main"], ["loader.stage=pretrain"])
 
