@@ -52,6 +52,7 @@ def run_shards(
     )
     cfg_dict = to_dict(cfg)
     limit = _in_flight_limit(cfg)
+    poll = min(1.0, cfg.task_timeout_s) if cfg.task_timeout_s else 1.0  # timeout resolution
     done: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
     bar = tqdm(
@@ -69,7 +70,7 @@ def run_shards(
             while queue and len(pending) < limit:
                 spec = queue.pop(0)
                 pending[task.remote(spec, cfg_dict)] = (spec, time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
             for ref in ready:
                 spec, _t = pending.pop(ref)
                 try:
