@@ -61,7 +61,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[-1] if errors else f"{key}: cannot convert {value!r}")
     if origin is Literal:
-        choice(value, get_args(tp), key)
+        options = get_args(tp)
+        # YAML reads `true`/`false` as booleans; a string choice such as use_gpu: auto|true|false
+        # means the words.
+        if isinstance(value, bool) and str(value).lower() in options:
+            value = str(value).lower()
+        choice(value, options, key)
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="delete DST's shards first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    # Intermixed: `key=value` overrides may come before or after the options.
+    return parser.parse_intermixed_args(argv)
 
 
 def _is_ours(name: str) -> bool:

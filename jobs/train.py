@@ -352,7 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stages", default="", help="comma list, e.g. pretrain,main,dynamic")
     parser.add_argument("--run-name", default="", help="the same name resumes an interrupted run")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    # Intermixed: `key=value` overrides may come before or after the options.
+    return parser.parse_intermixed_args(argv)
 
 
 if __name__ == "__main__":

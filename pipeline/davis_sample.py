@@ -253,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--split", default=None)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    # Intermixed: `key=value` overrides may come before or after the options.
+    return parser.parse_intermixed_args(argv)
 
 
 def main(args: argparse.Namespace) -> dict:
