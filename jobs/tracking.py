@@ -226,12 +226,19 @@ class RankZeroTracker:
     def __init__(self, enabled: bool, uri: str, run_id: str, system_metrics: bool = True):
         self.enabled = enabled and bool(run_id)
         self.uri, self.run_id, self.system_metrics = uri, run_id, system_metrics
+        self.logged_until: dict[str, int] = {}  # metric -> last step already in the run
 
     def __enter__(self) -> RankZeroTracker:
         if self.enabled:
             import mlflow
 
             mlflow.set_tracking_uri(self.uri)
+            # A resumed attempt replays the steps after its checkpoint; whatever the failed
+            # attempt already logged for them stays, and is not logged a second time.
+            client = _client(self.uri)
+            for key in client.get_run(self.run_id).data.metrics:
+                history = client.get_metric_history(self.run_id, key)
+                self.logged_until[key] = max((m.step for m in history), default=-1)
             mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
         return self
 
@@ -246,7 +253,9 @@ class RankZeroTracker:
         if self.enabled:
             import mlflow
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            fresh = {k: float(v) for k, v in metrics.items() if step > self.logged_until.get(k, -1)}
+            if fresh:
+                mlflow.log_metrics(fresh, step=step)
 
     def log_picture(self, target: torch.Tensor, reconstruction: torch.Tensor, step: int) -> None:
         if self.enabled:

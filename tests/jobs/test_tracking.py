@@ -129,3 +129,21 @@ def test_registered_model_reproduces_its_example(uri, tmp_path):
     assert not torch.equal(
         run_example(MAST(width=8, feat_dim=8), example), example["reconstruction"]
     )
+
+
+def test_a_resumed_attempt_does_not_log_replayed_steps_twice(uri):
+    from jobs.tracking import RankZeroTracker
+
+    runs = setup_runs(uri, "exp", "r1", {"pretrain": {}})
+    run_id = runs.child_run_ids["pretrain"]
+    with RankZeroTracker(True, uri, run_id, system_metrics=False) as tracker:  # first attempt
+        for step in range(1, 6):
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+    # The second attempt resumes from a checkpoint at step 3 and replays steps 4.. onwards.
+    with RankZeroTracker(True, uri, run_id, system_metrics=False) as tracker:
+        for step in range(4, 9):
+            tracker.log_metrics({"loss": 0.5 / step, "lr": 0.1}, step)
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))  # each step exactly once
+    assert {m.step: m.value for m in history}[5] == pytest.approx(0.2)  # the first attempt's value
+    assert len(MlflowClient(uri).get_metric_history(run_id, "lr")) == 5  # a new metric: all steps
