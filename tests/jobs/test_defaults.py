@@ -1,0 +1,14 @@
+import yaml
+
+from jobs.config import from_dict
+from jobs.defaults import DEFAULTS_DIR, default_configs, main
+
+
+def test_defaults_files_equal_the_code():
+    assert main(["--check"]) == 0, "configs/defaults is stale: run `python -m jobs.defaults`"
+
+
+def test_defaults_files_load_back_to_the_defaults():
+    for name, cfg in default_configs().items():
+        values = yaml.safe_load((DEFAULTS_DIR / f"{name}.yaml").read_text())
+        assert from_dict(type(cfg), values) == cfg
