@@ -86,6 +86,8 @@ def describe_data(data: str) -> DataInfo:
         )
     remote = "://" in data and not data.startswith("file://")
     path = data.removeprefix("file://")
+    if not remote:  # Ray workers change directory: only absolute paths survive the trip
+        path = os.path.abspath(path)
     if not remote and os.path.isdir(path):
         path = os.path.join(path, "manifest.json")
     if path.endswith(".json"):

@@ -85,6 +85,16 @@ def test_lr_halves_at_iteration_milestones():
     assert lrs == [1e-3] * 4 + [5e-4] * 2 + [2.5e-4] * 2 + [1.25e-4] * 2
 
 
+def test_relative_data_paths_are_made_absolute(train_shards, monkeypatch):
+    # Ray workers change directory, so a relative --data must not reach them as given.
+    monkeypatch.chdir(train_shards.parent.parent)
+    relative = f"{train_shards.parent.name}/manifest.json"
+    info = describe_data(relative)
+    sources = [info.source] if isinstance(info.source, str) else info.source
+    assert all(Path(s).is_absolute() and Path(s).exists() for s in sources)
+    assert describe_data(train_shards.parent.name).num_samples == info.num_samples
+
+
 def test_bad_data_is_reported_clearly(tmp_path, train_shards):
     with pytest.raises(ConfigError, match="no training data: pass --data"):
         describe_data("")
