@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from jobs.checkpoint import (
     check_compatible,
@@ -114,6 +115,7 @@ class Window:
 def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
     """Run optimiser steps start_step..steps-1; report + checkpoint on schedule. Returns the end state."""
     import ray.train
+    import ray.util
 
     cfg: TrainConfig = ctx["cfg"]
     model, optimizer, scheduler = ctx["model"], ctx["optimizer"], ctx["scheduler"]
@@ -121,6 +123,17 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
     batches = iter(ctx["loader"])
     window, example_input, final_metrics = Window(), None, {}
     use_autocast = device.type == "cuda"
+    stage = cfg.loader.stage
+    node = ray.util.get_node_ip_address()
+    # Rank 0 shows progress; every log line says stage, step, node and rank.
+    progress = tqdm(
+        total=cfg.schedule.steps,
+        initial=start_step,
+        desc=f"{stage} (node {node})",
+        unit="step",
+        disable=rank != 0,
+        mininterval=5.0,
+    )
     model.train()
     for step in range(start_step, cfg.schedule.steps):
         if step == cfg.fault_at_step and rank == 0:
@@ -164,11 +177,25 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
         window.total += t2 - t0
         window.long_term_refs += int(stats[1].item())
         done = step + 1
+        progress.update(1)
         if done % cfg.mlflow.image_every_steps == 0 or done == cfg.schedule.steps:
             tracker.log_picture(out.target[0], out.reconstruction[0].detach(), done)
         if done % cfg.mlflow.log_every_steps == 0 or done == cfg.schedule.steps:
             final_metrics = window.metrics(scheduler.get_last_lr()[0])
             tracker.log_metrics(final_metrics, done)
+            if rank == 0:
+                log.info(
+                    "stage %s step %d/%d node %s rank %d: loss %.4f, %.2f clips/s per worker, "
+                    "data wait %.1f%%",
+                    stage,
+                    done,
+                    cfg.schedule.steps,
+                    node,
+                    rank,
+                    final_metrics["loss"],
+                    final_metrics["clips_per_s"],
+                    100 * final_metrics["data_wait_fraction"],
+                )
             window = Window()
         if done % cfg.checkpoint.every_steps == 0 or done == cfg.schedule.steps:
             final = done == cfg.schedule.steps
@@ -179,6 +206,7 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
                 ctx["rank_digests"] = digests
                 tracker.log_metrics({"ranks_in_sync": metrics["ranks_in_sync"]}, done)
             report_checkpoint(ctx, done, metrics, example_input if final else None)
+    progress.close()
     return {"stopped": "", "step": cfg.schedule.steps, "metrics": final_metrics}
 
 
