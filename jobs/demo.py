@@ -142,6 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fresh", action="store_true", help="delete <root> first and start over")
     parser.add_argument("--run-name", default="demo", help="training run name (same name resumes)")
+    parser.add_argument(
+        "--plan",
+        default=str(PLAN),
+        help="which configs to run and their overrides (configs/demo.yaml)",
+    )
     return parser.parse_args(argv)
 
 
@@ -160,7 +165,7 @@ def main(args: argparse.Namespace) -> dict:
 
     videos = build_corpus(root)
     shards = root / "shards"
-    plan = yaml.safe_load(PLAN.read_text())
+    plan = yaml.safe_load(Path(args.plan).read_text())
     timings["ingest"] = run(
         "ingest",
         [py, "-m", "jobs.ingest", "--input", str(root / "corpus"), "--output", str(shards),
