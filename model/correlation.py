@@ -45,39 +45,21 @@ def backend_for(t: torch.Tensor) -> str:
     return "torch"
 
 
-def pad_for_window(key: torch.Tensor, patch_size: int, dilation: int) -> torch.Tensor:
-    """Zero-pad `key` (B, C, H, W) by the window's reach (P//2 * d) on every side."""
-    reach = (patch_size // 2) * dilation
-    return F.pad(key, (reach, reach, reach, reach))
-
-
-def correlate_rows(
-    query_rows: torch.Tensor,
-    padded_key: torch.Tensor,
-    row_start: int,
-    patch_size: int,
-    dilation: int = 1,
+def _correlate_torch(
+    query: torch.Tensor, key: torch.Tensor, patch_size: int, dilation: int
 ) -> torch.Tensor:
-    """Correlation of a band of query rows against a key padded by `pad_for_window`.
-
-    Args:
-        query_rows: (B, C, n, W) query rows row_start .. row_start + n - 1.
-        padded_key: (B, C, H + 2 * reach, W + 2 * reach).
-        row_start: first query row of the band in image coordinates.
-
-    Returns:
-        (B, P * P, n, W), window offsets in row-major (i, j) order.
-    """
-    n, W = query_rows.shape[-2:]
+    """The PyTorch backend: one shifted multiply-and-sum per window offset -> (B, P*P, H, W)."""
+    H, W = query.shape[-2:]
     P, d = patch_size, dilation
+    reach = (P // 2) * d
+    padded = F.pad(key, (reach, reach, reach, reach))  # zeros outside the image
     # Stacked, not written into a preallocated output: slice assignment would chain P*P
     # CopySlices nodes whose backward clones the whole gradient each time.
     planes = []
     for i in range(P):
-        y0 = row_start + i * d  # padded coordinates: the window's top row sits `reach` above
-        band = padded_key[:, :, y0 : y0 + n]  # (B, C, n, W + 2 * reach)
+        band = padded[:, :, i * d : i * d + H]  # key rows y + (i - P//2) * d
         for j in range(P):
-            planes.append((query_rows * band[..., j * d : j * d + W]).sum(1))  # (B, n, W)
+            planes.append((query * band[..., j * d : j * d + W]).sum(1))  # (B, H, W)
     return torch.stack(planes, dim=1)
 
 
@@ -118,6 +100,5 @@ def correlate(
             dilation_patch=dilation,
         )
         return out.view(B, patch_size, patch_size, H, W)
-    padded = pad_for_window(key, patch_size, dilation)
-    out = correlate_rows(query, padded, 0, patch_size, dilation)  # (B, P*P, H, W)
+    out = _correlate_torch(query, key, patch_size, dilation)  # (B, P*P, H, W)
     return out.view(B, patch_size, patch_size, H, W)
