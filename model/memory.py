@@ -296,10 +296,10 @@ def read_memory(
             )
         refs.append(_Reference(feat, value.to(query.dtype), offset))
     P = 2 * radius + 1
-    V = ref_values[0].shape[1]
-    # Per query row: the dense product against the reachable key rows (about P + 1 rows plus
-    # the band itself) and the gathered windows with their values, for every reference.
-    per_row = w * (w * (P + 2) + len(refs) * (P + 1) ** 2 * (3 + V))
+    # Per query row: one dense product against the reachable key rows at a time (about P + 2
+    # rows) and, for every reference, its window entries (dots, int64 index, logits). Values
+    # are never gathered per entry (scatter + GEMM), so V does not enter.
+    per_row = w * (w * (P + 2) + len(refs) * (P + 1) ** 2 * 4)
     rows = _rows_per_band(per_row, chunk_size, w)
     grad = torch.is_grad_enabled() and (
         query.requires_grad or any(t.requires_grad for t in (*ref_feats, *ref_values))
