@@ -31,16 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.memory_read import proc_status
+
 GAPS = (30, 25, 1, 3, 5)  # frame 30's references: frames 0, 5 (long-term), 29, 27, 25
 LABELS = 7  # DAVIS has at most 5 objects + background; 7 as the reference code
 RADIUS = 12
-
-
-def _proc_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _reset_peak() -> bool:
@@ -76,7 +71,7 @@ def run_ours(frames: int, scale: float) -> dict:
             0, LABELS, (len(GAPS), h, w), generator=torch.Generator().manual_seed(0)
         )
         ref_values = [F.one_hot(lab_, LABELS).permute(2, 0, 1)[None].float() for lab_ in labels]
-        baseline = _proc_status("VmRSS")
+        baseline = proc_status("VmRSS")
         reset = _reset_peak()
         seconds, cpu_seconds = [], []
         for t in range(frames):
@@ -92,8 +87,8 @@ def run_ours(frames: int, scale: float) -> dict:
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "peak_bytes": _proc_status("VmHWM") - baseline if reset else None,
-        "process_peak_bytes": _proc_status("VmHWM"),
+        "peak_bytes": proc_status("VmHWM") - baseline if reset else None,
+        "process_peak_bytes": proc_status("VmHWM"),
         "size": [H, W],
         "features": [h, w],
         "predicted_labels": int(prediction.unique().numel()),
@@ -106,14 +101,14 @@ def run_reference(scale: float) -> dict:
 
     query, feats, values, gaps = make_inputs(scale)
     with torch.no_grad():
-        baseline = _proc_status("VmRSS")
+        baseline = proc_status("VmRSS")
         reset = _reset_peak()
         start = time.perf_counter()
         reference_read(query, feats, values, list(GAPS), RADIUS)
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
-        "peak_bytes": _proc_status("VmHWM") - baseline if reset else None,
+        "peak_bytes": proc_status("VmHWM") - baseline if reset else None,
         "features": list(query.shape[-2:]),
         "gaps": list(gaps),
     }

@@ -96,7 +96,8 @@ def reference_read(
     return out.view(B, -1, h, w)
 
 
-def _vm(field: str) -> int:
+def proc_status(field: str) -> int:
+    """A byte count from /proc/self/status (VmRSS, VmHWM, ...)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -115,11 +116,11 @@ def run_one(impl: str, scale: float, out_path: str) -> dict:
             gaps,
             12,
         )
-        baseline = _vm("VmRSS")
+        baseline = proc_status("VmRSS")
         start = time.perf_counter()
         out = fn(query, feats, values, gaps, 12)
         seconds = time.perf_counter() - start
-    peak = _vm("VmHWM") - baseline
+    peak = proc_status("VmHWM") - baseline
     torch.save(out, out_path)
     return {"impl": impl, "seconds": seconds, "peak_bytes": peak}
 

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.storage import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,7 @@ def save_checkpoint(
         "config": config,
         "metrics": dict(metrics or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, directory / STATE_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(str(directory / STATE_FILE), lambda f: torch.save(state, f))
     marker = {"step": int(step), "time": time.time(), "metrics": dict(metrics or {})}
     (directory / MARKER_FILE).write_text(json.dumps(marker))
     return directory

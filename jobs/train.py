@@ -46,6 +46,7 @@ from jobs.tracking import (
 )
 from jobs.train_config import TrainConfig, load_stage_configs
 from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
+from pipeline.storage import atomic_write_bytes
 
 log = logging.getLogger("jobs.train")
 DONE_FILE = "stage_done.json"
@@ -330,9 +331,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "run_id": child,
         }
         done_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(outputs[cfg.stage], default=str))
-        os.replace(tmp, done_file)
+        atomic_write_bytes(str(done_file), json.dumps(outputs[cfg.stage], default=str).encode())
         previous = str(final)
     finish_run(uri, runs.parent_run_id)
     return outputs
