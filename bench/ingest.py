@@ -48,7 +48,7 @@ from jobs.ingest import ingest
 from pipeline.codec import resize_frame
 from pipeline.config import IngestConfig
 from pipeline.reader import sample_video_dir
-from pipeline.worker import clip_starts, read_frames
+from pipeline.worker import clip_starts, open_reader, read_frames
 
 
 def sample_video(name: str) -> Path:
@@ -57,12 +57,19 @@ def sample_video(name: str) -> Path:
 
 def decode_limit(videos: list[Path], cfg: IngestConfig) -> tuple[float, int, float]:
     """(frames/s, frames, frames per CPU-second) of decode + resize alone, for the frames
-    ingest will store."""
+    ingest will store, read as the worker reads them (`open_reader`, `read_frames`)."""
+    import av
+
     cv2.setNumThreads(1)
+    sizes = {}  # not timed: the worker has it from its probe
+    for path in videos:
+        with av.open(str(path)) as container:
+            codec = container.streams.video[0].codec_context
+            sizes[path] = (codec.height, codec.width)
     frames = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     for path in videos:
-        reader = decord.VideoReader(str(path), num_threads=cfg.decoder_threads)
+        reader = open_reader(str(path), *sizes[path], cfg)
         starts = clip_starts(len(reader), cfg)
         wanted = sorted({s + o for s in starts for o in cfg.offsets})
         for _, frame in read_frames(reader, wanted):

@@ -11,9 +11,11 @@ from model.colour import quantise_lab, rgb_to_lab
 from pipeline.codec import (
     ClipDecodeError,
     decode_clip,
+    decoder_scales,
     encode_clip,
     resize_frame,
     rgb_to_stored_lab,
+    scaled_size,
 )
 
 
@@ -93,3 +95,15 @@ def test_resize_policies():
     assert stretch.shape == (16, 16, 3) and stretch[:, 0].max() == 0 and stretch[:, 8].min() == 255
     tall = resize_frame(np.zeros((35, 63, 3), np.uint8), (64, 64), "crop")  # upscale odd size
     assert tall.shape == (64, 64, 3)
+
+
+def test_decoder_scales_only_large_shrinks():
+    # FFmpeg scales during decode when the output is half the source width or less.
+    assert scaled_size(720, 1280, (256, 256), "crop") == (455, 256)
+    assert decoder_scales(720, 1280, (256, 256), "crop")
+    assert not decoder_scales(272, 640, (256, 256), "crop")  # 602x256: mild, OpenCV
+    assert not decoder_scales(35, 63, (64, 64), "crop")  # upscale
+    assert decoder_scales(1440, 2560, (64, 64), "stretch")
+    # A frame already at the scaled size is only cropped.
+    frame = np.arange(256 * 455 * 3, dtype=np.uint32).astype(np.uint8).reshape(256, 455, 3)
+    np.testing.assert_array_equal(resize_frame(frame, (256, 256), "crop"), frame[:, 99:355])

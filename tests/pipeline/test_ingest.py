@@ -16,7 +16,7 @@ from ingest_media import edge_case_dir
 from jobs.config import from_dict
 from jobs.ingest import ingest
 from model.colour import quantise_lab, rgb_to_lab
-from pipeline.codec import decode_clip, resize_frame
+from pipeline.codec import decode_clip, decoder_scales, resize_frame, scaled_size
 from pipeline.config import IngestConfig
 from pipeline.worker import clip_starts
 
@@ -118,7 +118,14 @@ def test_lab_matches_independent_conversion_and_metadata(ingested):
             assert record["original_size"] == list(reader[0].shape[:2])
             assert record["fps"] == pytest.approx(reader.get_avg_fps())
             assert lab.shape == (3, 3, 64, 64) and lab.dtype == np.uint8
-            rgb = reader.get_batch(record["frame_indices"]).asnumpy()
+            h, w = record["original_size"]
+            if decoder_scales(h, w, (64, 64), "crop"):  # FFmpeg scales, the worker crops
+                sw, sh = scaled_size(h, w, (64, 64), "crop")
+                scaled = decord.VideoReader(str(path), width=sw, height=sh)
+                rgb = scaled.get_batch(record["frame_indices"]).asnumpy()
+                del scaled
+            else:
+                rgb = reader.get_batch(record["frame_indices"]).asnumpy()
             rgb = np.stack([resize_frame(f, (64, 64), "crop") for f in rgb])
             ref = quantise_lab(rgb_to_lab(torch.from_numpy(rgb).permute(0, 3, 1, 2))).numpy()
             diff = np.abs(ref.astype(int) - lab.astype(int))
