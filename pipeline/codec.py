@@ -72,7 +72,7 @@ def decoder_scales(height: int, width: int, size: tuple[int, int], policy: str) 
     """True when the frame shrinks to half its width or less: then FFmpeg's scaler (bicubic,
     with a support widened to the ratio, so no aliasing) resizes while it converts YUV to
     RGB, which costs less than converting the full frame and resizing with INTER_AREA
-    (2.3x less decode + resize CPU for 1280x720 -> 256x256, bench/ingest.py). For milder
+    (2.4x less decode + resize CPU for 1280x720 -> 256x256, bench/ingest.py). For milder
     scales OpenCV's bilinear resize after decoding is cheaper."""
     return scaled_size(height, width, size, policy)[0] * 2 <= width
 

@@ -10,7 +10,7 @@ mode fixed), so a rerun or retry writes identical bytes.
 
 Decoding: decord, with the reader opened inside the task (`decoder_threads` threads) and
 freed after each video. When the output is half the source width or less, FFmpeg scales
-while it converts YUV to RGB (`open_reader`): 2.3x less CPU than converting 1280x720 frames
+while it converts YUV to RGB (`open_reader`): 2.4x less CPU than converting 1280x720 frames
 and resizing them with OpenCV. decord mishandles display rotation (it swaps the output size but not
 the pixels, and copies fail or return garbage), so every video is probed with PyAV first; a
 video with a display-rotation matrix is decoded with PyAV instead and rotated upright
