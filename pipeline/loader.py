@@ -19,19 +19,25 @@ Two modes:
   first samples, so every rank yields ceil(N / world_size) samples in ceil(that / B) batches,
   and the ranks together see every sample at least once.
 
-Shuffling buffers `shuffle_buffer` still-compressed clips (cheap), then decodes; frame
-selection per stage and the random crop are in pipeline/samples.py. `samples_per_clip` = k
-draws k training samples from each decoded clip (resampled mode), dividing shard reads and
-decodes per sample by k (bench/loader.py: k = 4 keeps one GPU's feed under 100 MB/s and
-4 CPUs); a small buffer spreads them over several batches.
+Per (rank, DataLoader worker) the stream is a `wds.DataPipeline`: shard source (above) ->
+WebDataset's tar reader and key grouping -> `wds.shuffle` over `shuffle_buffer`
+still-compressed clips (cheap) -> decode + frame selection per stage and random crop
+(pipeline/samples.py) -> `wds.shuffle` of the samples drawn from one clip. The shard source is
+ours rather than `wds.ResampledShards`/`split_by_node`: it weights shards by their sample
+counts and splits an epoch by samples, not shards, which is what makes batch counts equal.
+`samples_per_clip` = k draws k training samples from each decoded clip (resampled mode),
+dividing shard reads and decodes per sample by k (bench/loader.py: k = 4 keeps one GPU's
+feed under 100 MB/s and 4 CPUs).
 
-Corrupt shards (unreadable tar, or fewer samples than the manifest says) and corrupt clips are skipped with a warning and counted in
-`loader.stats` (shared across DataLoader workers); the epoch loader pads the batches that a
-corrupt shard leaves short, so the batch count stays equal on every rank.
+Corrupt shards (unreadable tar, duplicate members, or fewer samples than the manifest says)
+and corrupt clips are skipped with a warning and counted in `loader.stats` (shared across
+DataLoader workers); the epoch loader pads the batches that a corrupt shard leaves short, so
+the batch count stays equal on every rank.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -43,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
@@ -73,30 +80,24 @@ def resolve_source(source: str | list[str]) -> tuple[list[str], list[int] | None
 
 
 def iter_shard(url: str) -> Iterator[tuple[str, dict[str, Any], str, bytes]]:
-    """(key, record, clip extension, clip bytes) per sample; raises on a corrupt tar."""
+    """(key, record, clip extension, clip bytes) per sample; raises on a corrupt tar.
+
+    WebDataset's own tar reader and grouping (`tar_file_expander`, `group_by_keys`: key =
+    member name up to the first dot) over an fsspec stream, so s3://, gs://, ... work."""
     fs, path = storage.get_fs(url)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        current: dict[str, Any] = {}
-        key = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _, ext = member.name.partition(".")
-            data = tar.extractfile(member).read()
-            if k != key:
-                if key is not None:
-                    yield _complete(key, current)
-                key, current = k, {}
-            current[ext] = data
-        if key is not None:
-            yield _complete(key, current)
+    with fs.open(path, "rb") as f:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": f}], eof_value=None)
+        for sample in wds.tariterators.group_by_keys(files):
+            yield _complete(sample)
 
 
-def _complete(key: str, members: dict[str, bytes]) -> tuple[str, dict[str, Any], str, bytes]:
-    ext = next((e for e in CLIP_EXTENSIONS if e in members), None)
-    if ext is None or "json" not in members:
-        raise ClipDecodeError(f"sample {key} lacks a clip or its json ({sorted(members)})")
-    return key, json.loads(members["json"]), ext, members[ext]
+def _complete(sample: dict[str, Any]) -> tuple[str, dict[str, Any], str, bytes]:
+    key = sample["__key__"]
+    ext = next((e for e in CLIP_EXTENSIONS if e in sample), None)
+    if ext is None or "json" not in sample:
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ClipDecodeError(f"sample {key} lacks a clip or its json ({members})")
+    return key, json.loads(sample["json"]), ext, sample[ext]
 
 
 class ClipStream(IterableDataset):
@@ -143,7 +144,7 @@ class ClipStream(IterableDataset):
             for url in self.urls:
                 try:
                     counts.append(sum(1 for _ in iter_shard(url)))
-                except (tarfile.TarError, OSError, ClipDecodeError) as e:
+                except (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError) as e:
                     log.warning("corrupt shard %s skipped in the epoch plan: %s", url, e)
                     counts.append(0)
         total = sum(counts)
@@ -177,7 +178,7 @@ class ClipStream(IterableDataset):
                     continue
                 for _ in range(1 if wanted is None else wanted[pos]):
                     yield key, record, ext, data  # still compressed: cheap to buffer
-        except (tarfile.TarError, OSError, ClipDecodeError, EOFError) as e:
+        except (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError) as e:
             self._count("corrupt_shards")
             log.warning("corrupt shard %s skipped (%s: %s)", url, type(e).__name__, e)
             return
@@ -212,11 +213,15 @@ class ClipStream(IterableDataset):
         rng = random.Random(tag)
         nprng = np.random.default_rng(list(tag.encode()))
         per_clip = self.cfg.samples_per_clip if self.resampled else 1
-        samples = self._decoded(self._shuffled(self._raw(rng), rng, self.cfg.shuffle_buffer),
-                                nprng, per_clip)  # fmt: skip
-        if per_clip > 1:  # spread one clip's samples over several batches
-            samples = self._shuffled(samples, rng, 4 * per_clip)
-        yield from samples
+        buffer = self.cfg.shuffle_buffer
+        pipeline = wds.DataPipeline(
+            lambda: self._raw(rng),  # shards (resampled or this rank's epoch plan), read by wds
+            wds.shuffle(buffer, initial=buffer, rng=rng),  # still-compressed clips: cheap
+            functools.partial(self._decoded, nprng=nprng, per_clip=per_clip),
+            # spread one clip's samples over several batches
+            wds.shuffle(4 * per_clip, initial=4 * per_clip, rng=rng) if per_clip > 1 else None,
+        )
+        return iter(pipeline)
 
     def _decoded(
         self, items: Iterator[Any], nprng: np.random.Generator, per_clip: int
@@ -245,21 +250,6 @@ class ClipStream(IterableDataset):
                     "gaps": torch.from_numpy(gaps),
                     "key": key,
                 }
-
-    @staticmethod
-    def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
-        buffer: list[Any] = []
-        for item in items:
-            if size <= 1:
-                yield item
-                continue
-            buffer.append(item)
-            if len(buffer) >= size:
-                i = rng.randrange(len(buffer))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
-        rng.shuffle(buffer)
-        yield from buffer
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

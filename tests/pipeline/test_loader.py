@@ -3,15 +3,17 @@ two ranks with uneven shards, frame selection per stage, seeding, corrupt shards
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
 
 from jobs.config import ConfigError, from_dict, to_dict
-from pipeline.codec import decode_clip
+from pipeline.codec import ClipDecodeError, decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import iter_shard, make_epoch_loader, make_train_loader
 from pipeline.samples import UnusableClip, select_frames
@@ -206,6 +208,34 @@ def test_corrupt_shards_are_skipped_counted_and_batches_stay_equal(shards, tmp_p
         if rank == 1:
             assert epoch.stats["corrupt_shards"] >= 1 and epoch.stats["padded"] > 0
     assert lens[0] == lens[1] == (3, 3, 9)
+
+
+def test_malformed_samples_make_a_corrupt_shard(shards, tmp_path):
+    # WebDataset's grouping refuses a duplicated member; a clip without its json is refused
+    # by ours. Either way the shard is skipped and counted; good shards keep training going.
+    dst, _, _ = shards
+    with tarfile.open(dst / "shard-000000.tar") as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert members[0][0].endswith(".json") and members[1][0].endswith(".lab.jpg")
+
+    def write(name: str, items: list[tuple[str, bytes]]) -> str:
+        with tarfile.open(tmp_path / name, "w") as tar:
+            for member, data in items:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return str(tmp_path / name)
+
+    dup = write("dup.tar", [*members[:2], members[1]])
+    nojson = write("nojson.tar", [members[1]])
+    with pytest.raises(ValueError, match="duplicate"):
+        list(iter_shard(dup))
+    with pytest.raises(ClipDecodeError, match="lacks a clip or its json"):
+        list(iter_shard(nojson))
+    good = str(dst / "shard-000000.tar")
+    loader = make_train_loader([dup, nojson, good], _cfg(), rank=0, world_size=1, seed=0)
+    batches = [b for _, b in zip(range(4), loader)]
+    assert len(batches) == 4 and loader.stats["corrupt_shards"] >= 2
 
 
 def test_loader_config_is_validated():
