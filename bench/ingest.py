@@ -10,7 +10,8 @@ on the same frames:
   scales large shrinks while decoding); also the naive limit: full-size RGB decode plus
   OpenCV resize;
 - ingest: the whole job (decode, resize, RGB -> Lab, codec, tar, stats, Ray) on a local Ray
-  instance with 1 CPU, then with 2 CPUs;
+  instance with 1 CPU, then with 2 CPUs; at 1 CPU also with the other Lab conversion and
+  with `storage: raw` (no codec: shows how much of the gap to the limit is the JPEG);
 - bytes per stored frame (256x256 Lab, JPEG) vs the source video's bytes per frame.
 Every Ray instance (driver, raylet, workers) runs confined to as many cores as it has Ray
 CPUs (CPU affinity, inherited by every process Ray starts), so "1 CPU" means one core: a
@@ -169,7 +170,11 @@ def measure(name: str, tmp: Path, cfg: IngestConfig, copies: int, rounds: int) -
         shutil.copy(sample_video(name), src / f"v{i}.mp4")
     videos = sorted(src.glob("*.mp4"))
     other_lab = "float" if cfg.lab == "uint8" else "uint8"
-    variants = {"ingest": cfg, "other": replace(cfg, lab=other_lab)}
+    variants = {
+        "ingest": cfg,
+        "other": replace(cfg, lab=other_lab),
+        "raw": replace(cfg, storage="raw"),  # no codec: how much of the gap the JPEG is
+    }
     one, confined = confined_rates(src, tmp / name / "cpu1", variants, rounds, 1)
     two, _ = confined_rates(src, tmp / name / "cpu2", {"ingest": cfg}, rounds, 2)
     manifest = one["manifests"]["ingest"]
@@ -194,6 +199,7 @@ def measure(name: str, tmp: Path, cfg: IngestConfig, copies: int, rounds: int) -
         "ingest_vs_naive_decode_ratio": round(fps["ingest_cpu"] / fps["naive_cpu"], 3),
         "added_ms_per_frame": round(1e3 / fps["ingest_cpu"] - 1e3 / fps["limit_cpu"], 3),
         f"ingest_vs_decode_ratio_{other_lab}_lab": round(fps["other_cpu"] / fps["limit_cpu"], 3),
+        "ingest_vs_decode_ratio_raw_storage": round(fps["raw_cpu"] / fps["limit_cpu"], 3),
         # Wall clock (includes driver, scheduling and waiting on the machine).
         "decode_resize_fps_wall": round(fps["limit"], 1),
         "ingest_fps_wall_1cpu": round(fps["ingest"], 1),
