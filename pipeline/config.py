@@ -113,6 +113,10 @@ class LoaderConfig:
     samples_per_clip: int = 1
     resampled: bool = True  # infinite stream drawn with replacement (training)
     prefetch_factor: int = 2
+    # False: frames stay stored uint8 Lab and the model normalises them on its device (4x
+    # fewer bytes from the workers to the trainer); True: float32 network-space Lab,
+    # ((L - 50) / 50, a / 127, b / 127) as model.colour.normalise_lab. The model takes both.
+    normalise: bool = False
 
     @property
     def clip_frames(self) -> int:

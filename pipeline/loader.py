@@ -5,8 +5,10 @@
 
 Batches: {"frames": uint8 (B, K, 3, crop, crop) stored Lab, references first, target last;
           "gaps": int64 (B, K-1) source frames from each reference to the target;
-          "keys": list[str] sample keys}. The model normalises (model.colour.normalise_lab);
-uint8 keeps worker->trainer transfers 4x smaller than float.
+          "keys": list[str] sample keys}. By default the model normalises on its device
+(model.colour.normalise_lab): uint8 keeps worker->trainer transfers 4x smaller than float.
+`loader.normalise: true` yields float32 normalised Lab (L -> (L - 50) / 50, a, b -> / 127)
+instead; the model accepts either.
 
 Two modes:
 - `make_train_loader` (resampled): every (rank, DataLoader worker) draws shards with
@@ -52,6 +54,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from model.colour import normalise_lab
 from pipeline import storage
 from pipeline.codec import CLIP_EXTENSIONS, ClipDecodeError, decode_clip
 from pipeline.config import LoaderConfig
@@ -245,8 +248,9 @@ class ClipStream(IterableDataset):
                     break
                 unusable = 0
                 self._count("samples")
+                clip = torch.from_numpy(frames)
                 yield {
-                    "frames": torch.from_numpy(frames),
+                    "frames": normalise_lab(clip) if self.cfg.normalise else clip,
                     "gaps": torch.from_numpy(gaps),
                     "key": key,
                 }

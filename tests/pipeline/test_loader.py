@@ -11,8 +11,10 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 from jobs.config import ConfigError, from_dict, to_dict
+from model.colour import normalise_lab
 from pipeline.codec import ClipDecodeError, decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import iter_shard, make_epoch_loader, make_train_loader
@@ -109,6 +111,21 @@ def test_resampled_is_infinite_seeded_and_rank_specific(shards):
     for b in a + with_workers:
         assert b["frames"].shape == (4, 2, 3, 24, 24)
         assert set(b["gaps"].flatten().tolist()) <= {2, 5, 8}
+
+
+def test_normalise_yields_network_space_lab(shards):
+    dst, _, _ = shards
+    source = str(dst / "manifest.json")
+
+    def take(**kw):
+        loader = make_train_loader(source, _cfg(crop_size=24, **kw), rank=0, world_size=1, seed=3)
+        return [b for _, b in zip(range(2), loader)]
+
+    for raw, norm in zip(take(), take(normalise=True)):
+        assert raw["keys"] == norm["keys"]
+        assert raw["frames"].dtype == torch.uint8 and norm["frames"].dtype == torch.float32
+        torch.testing.assert_close(norm["frames"], normalise_lab(raw["frames"]))
+        assert -1.0 <= norm["frames"][:, :, 0].min() and norm["frames"][:, :, 0].max() <= 1.0
 
 
 def test_samples_per_clip_reuses_each_decoded_clip(shards):
