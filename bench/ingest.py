@@ -51,7 +51,7 @@ from jobs.ingest import ingest
 from pipeline.codec import resize_frame
 from pipeline.config import IngestConfig
 from pipeline.reader import sample_video_dir
-from pipeline.worker import clip_starts, open_reader, read_frames
+from pipeline.worker import _probe, clip_starts, open_reader, read_frames
 
 
 def sample_video(name: str) -> Path:
@@ -64,14 +64,8 @@ def decode_limit(
     """(frames/s, frames, frames per CPU-second) of decode + resize alone, for the frames
     ingest will store, read as the worker reads them (`open_reader`, `read_frames`), or with
     `naive`: decoded to full-size RGB, then resized with OpenCV (no scaling in FFmpeg)."""
-    import av
-
     cv2.setNumThreads(1)
-    sizes = {}  # not timed: the worker has it from its probe
-    for path in videos:
-        with av.open(str(path)) as container:
-            codec = container.streams.video[0].codec_context
-            sizes[path] = (codec.height, codec.width)
+    sizes = {path: _probe(str(path))[1:3] for path in videos}  # not timed: the worker probes
     frames = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     for path in videos:

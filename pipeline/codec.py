@@ -87,9 +87,9 @@ def resize_frame(frame: np.ndarray, size: tuple[int, int], policy: str) -> np.nd
         top, left = (h - out_h) // 2, (w - out_w) // 2
         return np.ascontiguousarray(frame[top : top + out_h, left : left + out_w])
     # INTER_AREA only pays for itself when shrinking by 2x or more (it averages whole pixel
-    # blocks, avoiding aliasing); for milder scales bilinear looks the same at a third of
-    # the cost.
-    interp = cv2.INTER_AREA if scaled[0] * 2 <= w else cv2.INTER_LINEAR
+    # blocks, avoiding aliasing; the threshold where the worker lets FFmpeg scale instead);
+    # for milder scales bilinear looks the same at a third of the cost.
+    interp = cv2.INTER_AREA if decoder_scales(h, w, size, policy) else cv2.INTER_LINEAR
     if policy == "crop":  # crop in source pixels first: only the kept region is resampled
         s = max(out_h / h, out_w / w)
         ch, cw = min(h, round(out_h / s)), min(w, round(out_w / s))

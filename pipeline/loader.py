@@ -63,6 +63,9 @@ from pipeline.samples import UnusableClip, make_sample
 log = logging.getLogger(__name__)
 
 COUNTERS = ("samples", "corrupt_shards", "corrupt_samples", "unusable_samples", "padded")
+# What reading a broken shard raises: tarfile and I/O errors, a truncated stream, a clip
+# without its json (ClipDecodeError), duplicate members (WebDataset's group_by_keys).
+SHARD_ERRORS = (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError)
 
 
 def resolve_source(source: str | list[str]) -> tuple[list[str], list[int] | None]:
@@ -147,7 +150,7 @@ class ClipStream(IterableDataset):
             for url in self.urls:
                 try:
                     counts.append(sum(1 for _ in iter_shard(url)))
-                except (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError) as e:
+                except SHARD_ERRORS as e:
                     log.warning("corrupt shard %s skipped in the epoch plan: %s", url, e)
                     counts.append(0)
         total = sum(counts)
@@ -181,7 +184,7 @@ class ClipStream(IterableDataset):
                     continue
                 for _ in range(1 if wanted is None else wanted[pos]):
                     yield key, record, ext, data  # still compressed: cheap to buffer
-        except (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError) as e:
+        except SHARD_ERRORS as e:
             self._count("corrupt_shards")
             log.warning("corrupt shard %s skipped (%s: %s)", url, type(e).__name__, e)
             return
@@ -318,6 +321,24 @@ class TrainLoader:
                     batch = []
 
 
+def _make_loader(
+    source: str | list[str],
+    cfg: LoaderConfig,
+    *,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int,
+    resampled: bool,
+) -> TrainLoader:
+    urls, counts = resolve_source(source)
+    stream = ClipStream(
+        urls, counts, cfg, rank=rank, world_size=world_size, seed=seed,
+        start_step=start_step, resampled=resampled,
+    )  # fmt: skip
+    return TrainLoader(stream, cfg)
+
+
 def make_train_loader(
     source: str | list[str],
     cfg: LoaderConfig,
@@ -331,16 +352,10 @@ def make_train_loader(
 
     With `cfg.resampled = False` this is `make_epoch_loader` with epoch = start_step.
     """
-    if not cfg.resampled:
-        return make_epoch_loader(
-            source, cfg, rank=rank, world_size=world_size, seed=seed, epoch=start_step
-        )
-    urls, counts = resolve_source(source)
-    stream = ClipStream(
-        urls, counts, cfg, rank=rank, world_size=world_size, seed=seed,
-        start_step=start_step, resampled=True,
+    return _make_loader(
+        source, cfg, rank=rank, world_size=world_size, seed=seed,
+        start_step=start_step, resampled=cfg.resampled,
     )  # fmt: skip
-    return TrainLoader(stream, cfg)
 
 
 def make_epoch_loader(
@@ -353,9 +368,7 @@ def make_epoch_loader(
     epoch: int = 0,
 ) -> TrainLoader:
     """Every sample once per epoch, equal batch counts on every rank (module docstring)."""
-    urls, counts = resolve_source(source)
-    stream = ClipStream(
-        urls, counts, cfg, rank=rank, world_size=world_size, seed=seed,
+    return _make_loader(
+        source, cfg, rank=rank, world_size=world_size, seed=seed,
         start_step=epoch, resampled=False,
     )  # fmt: skip
-    return TrainLoader(stream, cfg)
