@@ -40,14 +40,16 @@ def write_video(
     rotation: int = 0,
     left_red: bool = False,
     fps: int = 25,
+    codec: str = "libx264",
 ) -> Path:
-    """Encode a small H.264 video with PyAV."""
+    """Encode a small video with PyAV (H.264 by default; the container from the suffix)."""
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         odd = width % 2 or height % 2
         stream.pix_fmt = "gray" if gray else ("yuv444p" if odd else "yuv420p")
-        stream.options = {"preset": "ultrafast", "crf": "18"}
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "18"}
         if rotation:
             stream.set_display_rotation(rotation)
         for t in range(frames):

@@ -107,3 +107,31 @@ def test_decoder_scales_only_large_shrinks():
     # A frame already at the scaled size is only cropped.
     frame = np.arange(256 * 455 * 3, dtype=np.uint32).astype(np.uint8).reshape(256, 455, 3)
     np.testing.assert_array_equal(resize_frame(frame, (256, 256), "crop"), frame[:, 99:355])
+
+
+@pytest.mark.parametrize(
+    "name, codec",
+    [("a.mp4", "libx264"), ("b.mkv", "libx264"), ("c.ts", "libx264"), ("d.webm", "libvpx-vp9"),
+     ("e.avi", "mpeg4"), ("f.mpg", "mpeg2video"), ("r.mkv", "libx264")],
+)  # fmt: skip
+def test_probe_and_clips_in_every_container(tmp_path, name, codec):
+    # The worker's probe reads no packets beyond the container header (`_FAST_PROBE`) and
+    # falls back to FFmpeg's default probing when that finds no stream or frame; either way
+    # it must give decord's frame size, and the video must ingest, in every common container.
+    from ingest_media import write_video
+
+    from pipeline.config import IngestConfig
+    from pipeline.worker import _FAST_PROBE, _probe, _probe_with, video_clips
+
+    rotation = 180 if name.startswith("r") else 0
+    path = str(write_video(tmp_path / name, 9, 48, 64, codec=codec, rotation=rotation))
+    rot, h, w, info = _probe(path)
+    assert (rot, h, w) == (rotation, 48, 64)
+    assert _probe_with(path, _FAST_PROBE)[:3] == (rot, h, w)
+    assert (info is None) == (rotation == 0)  # rotated videos get full info from PyAV
+    cfg = IngestConfig(clip_len=3, frame_step=2, size=(32, 32), storage="png")
+    info, clips = video_clips(path, cfg)
+    assert (info.num_frames, info.height, info.width) == (9, 48, 64)
+    got = list(clips)
+    assert [ci for ci, _, _ in got] == [0] and got[0][1] == [0, 2, 4]
+    assert got[0][2].shape == (3, 3, 32, 32) and got[0][2].dtype == np.uint8
