@@ -13,7 +13,9 @@ shape (T * 3 * H, W): the planes of all frames stacked vertically, frame-major
 Lab channels are never mixed by a colour transform (a JPEG of an RGB image would convert
 to YCbCr and subsample chroma; here every plane is coded as luminance, at full resolution).
 Formats (`IngestConfig.storage`), the member extension after the sample key:
-    jpeg  `lab.jpg`  lossy, `quality` (default 95: max error about 2-4 levels per plane)
+    jpeg  `lab.jpg`  lossy, `quality` (default 95: on the sample videos at 256x256 the
+                     error in stored levels is mean 0.7 (L) / 0.3 (a, b), 99th percentile
+                     3 / 2, max 9 / 6, i.e. at worst 3.5 L units and 6 a/b units)
     png   `lab.png`  lossless
     raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8
 Bytes per frame and decode speed are measured by bench/loader.py (see its docstring).
