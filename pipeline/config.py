@@ -43,6 +43,12 @@ class IngestConfig:
     lab: Literal["float", "uint8"] = "float"
     quality: int = 95  # JPEG quality (1..100); ignored for png/raw
     videos_per_shard: int = 16
+    # Target tar size in MB (0 = one tar per shard, its size set by videos_per_shard). A shard
+    # task closes its tar once it holds this much, after the video that reached it (a video's
+    # clips stay in one tar), and continues in the next part, shard-NNNNNN_001.tar, ...; so
+    # with many videos per shard every tar but a shard's last is about this size, however
+    # long the videos are.
+    shard_mb: float = 0.0
     # Directory inputs keep only these extensions (lists and globs take every path).
     extensions: tuple[str, ...] = ("mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg")
     # Ray: CPUs per shard task, decord threads per reader, bounded fan-out, retries.
@@ -83,6 +89,7 @@ class IngestConfig:
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality={self.quality} must be in 1..100")
         positive(self.videos_per_shard, "videos_per_shard")
+        positive(self.shard_mb, "shard_mb", allow_zero=True)
         positive(self.task_cpus, "task_cpus")
         positive(self.decoder_threads, "decoder_threads", allow_zero=True)
         positive(self.max_in_flight, "max_in_flight", allow_zero=True)

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 ASSIGNMENT = "assignment.json"
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
+def shard_name(index: int, part: int = 0) -> str:
+    """Tar of shard `index`; parts after the first (`IngestConfig.shard_mb`) get a suffix."""
+    return f"shard-{index:06d}.tar" if part == 0 else f"shard-{index:06d}_{part:03d}.tar"
 
 
 def stats_name(index: int) -> str:
@@ -51,6 +52,9 @@ class ShardSpec:
     @property
     def tar_url(self) -> str:
         return storage.join(self.output, self.name)
+
+    def part_url(self, part: int) -> str:
+        return storage.join(self.output, shard_name(self.index, part))
 
     @property
     def stats_url(self) -> str:

@@ -1,15 +1,16 @@
 """Per-run accounting: shard stats -> DST/manifest.json and the final summary table.
 
 manifest.json (deterministic: the same inputs and config give the same bytes):
-    shards             shard file names, relative to the manifest, in index order
-    samples_per_shard  clips in each shard
-    num_samples, num_frames, num_shards, bytes
+    shards             tar file names, relative to the manifest, in shard index order (a
+                       shard split by `shard_mb` lists its parts in order)
+    samples_per_shard  clips in each tar
+    num_samples, num_frames, num_shards (tars), bytes
     videos             {"total", "ok", "skipped", "failed"} over every input video
     problems           [{"path", "status", "message"}] for every skipped or failed video
     incomplete_shards  {name: error} for shards that failed twice (absent from `shards`)
     clip_frames, frame_offsets, size, storage: what a sample holds (the loader reads these)
     config, config_hash
-    content_hash       sha256 over config_hash and every shard's name and sha256: the data
+    content_hash       sha256 over config_hash and every tar's name and sha256: the data
                        lineage training logs
 """
 
@@ -24,7 +25,7 @@ from jobs.config import to_dict
 from pipeline import storage
 from pipeline.config import IngestConfig
 from pipeline.sharding import ShardSpec
-from pipeline.worker import config_hash
+from pipeline.worker import config_hash, shard_tars
 
 MANIFEST = "manifest.json"
 
@@ -36,20 +37,21 @@ def build_manifest(
     cfg: IngestConfig,
 ) -> dict[str, Any]:
     complete = [s for s in shards if s.index in stats]
-    per_shard = [stats[s.index]["num_samples"] for s in complete]
+    tars = [t for s in complete for t in shard_tars(s, stats[s.index])]
+    per_shard = [t["num_samples"] for t in tars]
     videos = [v for s in complete for v in stats[s.index]["videos"]]
     status = Counter(v["status"] for v in videos)
     lost = sum(len(s.videos) for s in shards if s.index not in stats)
     content = hashlib.sha256(config_hash(cfg).encode())
-    for s in complete:
-        content.update(f"{s.name}:{stats[s.index]['sha256']}\n".encode())
+    for t in tars:
+        content.update(f"{t['name']}:{t['sha256']}\n".encode())
     return {
         "version": 1,
-        "shards": [s.name for s in complete],
+        "shards": [t["name"] for t in tars],
         "samples_per_shard": per_shard,
         "num_samples": sum(per_shard),
         "num_frames": sum(stats[s.index]["num_frames"] for s in complete),
-        "num_shards": len(complete),
+        "num_shards": len(tars),
         "bytes": sum(stats[s.index]["bytes"] for s in complete),
         "videos": {
             "total": len(videos) + lost,

@@ -4,9 +4,10 @@ Per video the task records a status: "ok" (n clips), "skipped" (with the reason,
 than one clip) or "failed" (the error message). A broken video never fails its shard; only a
 failure to write the shard does (the distributor retries those).
 
-Order of writes: the tar (atomically, temp + rename), then the stats JSON (atomically) as the
-done marker. The tar is byte-for-byte deterministic (sorted members, zero mtimes, owner and
-mode fixed), so a rerun or retry writes identical bytes.
+Order of writes: the tar (atomically, temp + rename; with `shard_mb`, its parts one after the
+other), then the stats JSON (atomically) as the done marker. Tars are byte-for-byte
+deterministic (sorted members, zero mtimes, owner and mode fixed), so a rerun or retry writes
+identical bytes.
 
 Decoding: decord, with the reader opened inside the task (`decoder_threads` threads) and
 freed after each video. When the output is half the source width or less, FFmpeg scales
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import logging
 import tarfile
@@ -43,7 +45,7 @@ from pipeline.codec import (
     scaled_size,
 )
 from pipeline.config import IngestConfig
-from pipeline.sharding import ShardSpec, video_id
+from pipeline.sharding import ShardSpec, shard_name, video_id
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ def config_hash(cfg: IngestConfig) -> str:
 
 CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
-    "size", "resize", "storage", "lab", "quality", "videos_per_shard",
+    "size", "resize", "storage", "lab", "quality", "videos_per_shard", "shard_mb",
 )  # fmt: skip
 
 
@@ -234,8 +236,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _ingest_video(url: str, cfg: IngestConfig, tar: tarfile.TarFile) -> dict[str, Any]:
+def _ingest_video(url: str, cfg: IngestConfig) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """(status entry, tar members) of one video; members are buffered, so a video that fails
+    mid-way adds no partial samples."""
     vid = video_id(url)
+    members: list[tuple[str, bytes]] = []
     entry: dict[str, Any] = {"path": url, "id": vid, "status": "ok", "clips": 0, "message": ""}
     try:
         fs, fpath = storage.get_fs(url)
@@ -248,7 +253,6 @@ def _ingest_video(url: str, cfg: IngestConfig, tar: tarfile.TarFile) -> dict[str
             entry.update(frames=info.num_frames, fps=info.fps, size=[info.height, info.width])
             if info.rotation:
                 entry["rotation"] = info.rotation
-            members = []  # buffered: a video that fails mid-way adds no partial samples
             try:
                 for ci, idx, lab in clips:
                     key = f"{vid}_c{ci:04d}"
@@ -267,54 +271,90 @@ def _ingest_video(url: str, cfg: IngestConfig, tar: tarfile.TarFile) -> dict[str
                 entry["message"] = (
                     f"stopped after {len(members) // 2} clips: {type(e).__name__}: {e}"
                 )
-            for name, data in members:
-                _add(tar, name, data)
             entry["clips"] = len(members) // 2
     except SkipVideo as e:
         entry.update(status="skipped", message=str(e))
     except Exception as e:  # task boundary for one video: record, never fail the shard
         entry.update(status="failed", message=f"{type(e).__name__}: {e}"[:500])
-    return entry
+        members = []
+    return entry, members
+
+
+class _Counting:
+    """File wrapper that hashes and counts what is written (no second read)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.digest, self.size = inner, hashlib.sha256(), 0
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, b: Any) -> int:
+        self.digest.update(b)
+        self.size += len(b)
+        return self.inner.write(b)
+
+
+def _write_tar(
+    spec: ShardSpec,
+    part: int,
+    results: Iterator[tuple[dict[str, Any], list[tuple[str, bytes]]]],
+    carry: list[tuple[dict[str, Any], list[tuple[str, bytes]]]],
+    limit: float,
+    videos: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write part `part` of the shard (atomically) from the ingested videos `results` (after
+    the one in `carry`, left by the previous part) until the tar holds `limit` bytes: the next
+    video with clips is left in `carry`, so a part never ends up empty but for a shard without
+    clips. Appends status entries to `videos`; returns {"name", "num_samples", "bytes",
+    "sha256"} of the tar."""
+    name = shard_name(spec.index, part)
+    result: dict[str, Any] = {"name": name, "num_samples": 0}
+
+    def write(f: Any) -> None:
+        out = _Counting(f)
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for entry, members in itertools.chain([carry.pop()] if carry else [], results):
+                if members and out.size >= limit:
+                    carry.append((entry, members))  # starts the next part
+                    break
+                for member, data in members:
+                    _add(tar, member, data)
+                if members:
+                    entry["tar"] = name
+                result["num_samples"] += entry["clips"]
+                videos.append(entry)
+        result.update(bytes=out.size, sha256=out.digest.hexdigest())
+
+    storage.atomic_write(spec.part_url(part), write)
+    return result
 
 
 def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Write one shard and its stats file; returns the stats plus `seconds` and `cpu_seconds`
-    (not stored: the stored stats are deterministic)."""
+    """Write one shard (one tar, or several parts with `shard_mb`) and its stats file; returns
+    the stats plus `seconds` and `cpu_seconds` (not stored: the stored stats are deterministic)."""
     cfg = from_dict(IngestConfig, cfg_dict)
     cv2.setNumThreads(max(1, int(cfg.task_cpus)))  # OpenCV's pool would oversubscribe the task
     start, cpu_start = time.perf_counter(), time.process_time()
+    limit = cfg.shard_mb * 1e6 if cfg.shard_mb > 0 else float("inf")
     videos: list[dict[str, Any]] = []
-    digest = hashlib.sha256()
-    size = 0
-
-    def write(f: Any) -> None:
-        nonlocal size
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for url in spec.videos:
-                videos.append(_ingest_video(url, cfg, tar))
-
-    class Hashing:  # hash and count while writing, no second read
-        def __init__(self, inner: Any) -> None:
-            self.inner = inner
-
-        def tell(self) -> int:
-            return size
-
-        def write(self, b: Any) -> int:
-            nonlocal size
-            digest.update(b)
-            size += len(b)
-            return self.inner.write(b)
-
-    storage.atomic_write(spec.tar_url, lambda f: write(Hashing(f)))
+    results = (_ingest_video(url, cfg) for url in spec.videos)  # one video at a time
+    carry: list[tuple[dict[str, Any], list[tuple[str, bytes]]]] = []
+    tars = [_write_tar(spec, 0, results, carry, limit, videos)]
+    while carry:
+        tars.append(_write_tar(spec, len(tars), results, carry, limit, videos))
     clips = sum(v["clips"] for v in videos)
+    # One tar: its hash; several parts: a hash over their names and hashes.
+    parts = "".join(f"{t['name']}:{t['sha256']}\n" for t in tars).encode()
+    sha = tars[0]["sha256"] if len(tars) == 1 else hashlib.sha256(parts).hexdigest()
     stats = {
         "shard": spec.name,
         "index": spec.index,
         "num_samples": clips,
         "num_frames": clips * len(cfg.offsets),
-        "bytes": size,
-        "sha256": digest.hexdigest(),
+        "bytes": sum(t["bytes"] for t in tars),
+        "sha256": sha,
+        "tars": tars,
         "config_hash": config_hash(cfg),
         "videos": videos,
     }
@@ -323,3 +363,11 @@ def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     # process_time counts every thread of this worker process (decord decodes in its own).
     cpu = time.process_time() - cpu_start
     return {**stats, "seconds": time.perf_counter() - start, "cpu_seconds": cpu}
+
+
+def shard_tars(spec: ShardSpec, stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tars of a done shard: {"name", "num_samples", "bytes", "sha256"} each (stats
+    written before `shard_mb` existed describe their one tar at the top level)."""
+    if "tars" in stats:
+        return stats["tars"]
+    return [{"name": spec.name, **{k: stats[k] for k in ("num_samples", "bytes", "sha256")}}]

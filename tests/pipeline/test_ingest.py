@@ -187,6 +187,43 @@ def test_rerun_skips_done_shards_and_appends_new_videos(ingested, edge, tmp_path
         extra.unlink()
 
 
+def _members(root, names) -> dict[str, bytes]:
+    out = {}
+    for name in names:
+        with tarfile.open(root / name) as tar:
+            for m in tar.getmembers():
+                out[m.name] = tar.extractfile(m).read()
+    return out
+
+
+def test_shard_mb_splits_tars_and_keeps_every_sample(ingested, edge, tmp_path):
+    # With a tiny target every tar closes after the first video that adds clips: shards are
+    # split into parts, and the samples are exactly those of the unsplit run.
+    _, dst, manifest = ingested
+    _, listing = edge
+    split = tmp_path / "split"
+    cfg = from_dict(IngestConfig, {**CFG, "shard_mb": 0.001})
+    got = ingest(str(listing), str(split), cfg, progress=False)
+    assert got["num_samples"] == manifest["num_samples"] and got["videos"] == manifest["videos"]
+    assert got["num_shards"] > manifest["num_shards"]
+    assert "shard-000000_001.tar" in got["shards"] and 0 not in got["samples_per_shard"][:-1]
+    assert _members(split, got["shards"]) == _members(dst, manifest["shards"])
+    import webdataset as wds
+
+    counts = [len(list(wds.WebDataset(str(split / n), shardshuffle=False))) for n in got["shards"]]
+    assert counts == got["samples_per_shard"]
+    stats = json.loads((split / "shard-000000.stats.json").read_text())
+    assert [t["name"] for t in stats["tars"]] == [n for n in got["shards"] if "000000" in n]
+    assert all(v["tar"] in got["shards"] for v in stats["videos"] if v["clips"])
+    # Rerun: nothing rewritten; a deleted part makes its shard be written again, identically.
+    before = _tree(split)
+    again = ingest(str(listing), str(split), cfg, progress=False)
+    assert _tree(split) == before and again["content_hash"] == got["content_hash"]
+    (split / "shard-000000_001.tar").unlink()
+    again = ingest(str(listing), str(split), cfg, progress=False)
+    assert _tree(split) == before and again["content_hash"] == got["content_hash"]
+
+
 def test_overwrite_starts_over(ray_local, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

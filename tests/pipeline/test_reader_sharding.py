@@ -73,6 +73,8 @@ def test_config_validation_and_shipped_configs():
         from_dict(IngestConfig, {"storage": "webp"})
     with pytest.raises(ConfigError, match="unknown config key"):
         from_dict(IngestConfig, {"clip_length": 3})
+    with pytest.raises(ConfigError, match="shard_mb"):
+        from_dict(IngestConfig, {"shard_mb": -1})
     dyn = load_config(IngestConfig, "configs/ingest/dynamic.yaml")
     assert dyn.offsets[-1] - dyn.offsets[0] > 15 and dyn.span == 30
     for name in ("pretrain", "main"):
