@@ -49,10 +49,6 @@ class ShardSpec:
     def name(self) -> str:
         return shard_name(self.index)
 
-    @property
-    def tar_url(self) -> str:
-        return storage.join(self.output, self.name)
-
     def part_url(self, part: int) -> str:
         return storage.join(self.output, shard_name(self.index, part))
 

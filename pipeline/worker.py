@@ -99,7 +99,7 @@ def _probe(path: str) -> tuple[int, int, int, VideoInfo | None]:
     import av
 
     try:
-        rotation, height, width, _ = _probe_with(path, _FAST_PROBE)
+        rotation, height, width, _ = _probe_with(path, _FAST_PROBE, with_info=False)
     except (av.FFmpegError, ValueError):
         return _probe_with(path, {})
     if rotation:
@@ -107,7 +107,11 @@ def _probe(path: str) -> tuple[int, int, int, VideoInfo | None]:
     return rotation, height, width, None
 
 
-def _probe_with(path: str, options: dict[str, str]) -> tuple[int, int, int, VideoInfo | None]:
+def _probe_with(
+    path: str, options: dict[str, str], with_info: bool = True
+) -> tuple[int, int, int, VideoInfo | None]:
+    """Probe with these container options; the info of a rotated video (frame count, fps:
+    maybe a decode of every frame) only `with_info`."""
     import av
 
     with av.open(path, options=options) as container:
@@ -119,8 +123,8 @@ def _probe_with(path: str, options: dict[str, str]) -> tuple[int, int, int, Vide
         if first is None:
             raise ValueError("video stream has no decodable frame")
         rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
-        if rotation == 0:
-            return 0, first.height, first.width, None
+        if rotation == 0 or not with_info:
+            return rotation, first.height, first.width, None
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         count = stream.frames or sum(1 for _ in container.decode(stream)) + 1
         h, w = (first.height, first.width) if rotation % 180 == 0 else (first.width, first.height)
