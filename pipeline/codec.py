@@ -5,6 +5,11 @@ Stored Lab (model/colour.py): uint8, OpenCV's 8-bit Lab layout, from float sRGB 
     a8 = round(a + 128)         a in about [-127, 127] -> [1, 255]
     b8 = round(b + 128)         b likewise
 Quantisation error: <= 0.2 L units, <= 0.5 a/b units (before the codec).
+`IngestConfig.dtype: float16` stores Lab unquantised instead, in Lab units (L in [0, 100],
+a, b in about [-127, 127]; sRGB reaches a in [-86, 98], b in [-108, 95]): float16 rounding
+is <= 0.03 L units and <= 0.03 a/b units (half a step of 0.0625 at |x| >= 64), and the clip
+goes to `raw` storage only (6 bytes per pixel, no codec error). Training reads it the same
+way (the loader normalises float clips to network-space float32).
 
 Clip layout: a clip of T frames is the uint8 array (T, 3, H, W) (planes L, a, b per frame;
 channel-first, the model's layout). In a shard it is stored as one 2-D grayscale image of
@@ -17,7 +22,7 @@ Formats (`IngestConfig.storage`), the member extension after the sample key:
                      error in stored levels is mean 0.7 (L) / 0.3 (a, b), 99th percentile
                      3 / 2, max 9 / 6, i.e. at worst 3.5 L units and 6 a/b units)
     png   `lab.png`  lossless
-    raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8
+    raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8 or float16
 Bytes per frame and decode speed are measured by bench/loader.py (see its docstring).
 """
 
@@ -30,6 +35,7 @@ import numpy as np
 
 EXTENSIONS = {"jpeg": "lab.jpg", "png": "lab.png", "raw": "lab.npy"}
 CLIP_EXTENSIONS = tuple(EXTENSIONS.values())
+STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
 
 
 class ClipDecodeError(ValueError):
@@ -68,12 +74,52 @@ def frame_to_stored_lab(
     return out
 
 
-def rgb_to_stored_lab(frames: np.ndarray, method: str = "float") -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) uint8 stored Lab (`frame_to_stored_lab`)."""
+# Exact float Lab (the formulas of model.colour.rgb_to_lab, OpenCV's constants): OpenCV's
+# float cvtColor approximates the sRGB curve and the cube root (up to 0.4 Lab units off),
+# which would waste float16's precision. sRGB -> linear is exact per uint8 value (a table).
+_LINEAR = np.array(
+    [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in np.arange(256) / 255],
+    np.float32,
+)
+_RGB_TO_XYZ = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+     [0.019334, 0.119193, 0.950227]]
+)  # fmt: skip
+_RGB_TO_XYZ_WHITE = (_RGB_TO_XYZ / np.array([[0.950456], [1.0], [1.088754]])).astype(np.float32)
+_EPS = 0.008856
+
+
+def frame_to_float16_lab(frame: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float16 Lab in Lab units (L in [0, 100]), the
+    unquantised stored Lab of `IngestConfig.dtype: float16`: model.colour.rgb_to_lab to
+    float32 precision, then rounded to float16."""
+    H, W, _ = frame.shape
+    t = cv2.transform(cv2.LUT(frame, _LINEAR), _RGB_TO_XYZ_WHITE)  # (H, W, 3) XYZ / white
+    f = np.where(t > _EPS, np.cbrt(t), np.float32(7.787) * t + np.float32(16 / 116))
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    if out is None:
+        out = np.empty((3, H, W), np.float16)
+    ty = t[..., 1]
+    out[0] = np.where(ty > _EPS, np.float32(116) * fy - np.float32(16), np.float32(903.3) * ty)
+    out[1] = np.float32(500) * (fx - fy)
+    out[2] = np.float32(200) * (fy - fz)
+    return out
+
+
+def rgb_to_stored_lab(
+    frames: np.ndarray, method: str = "float", dtype: str = "uint8"
+) -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) stored Lab: uint8 (`frame_to_stored_lab`
+    with `method`) or float16 (`frame_to_float16_lab`)."""
     T, H, W, _ = frames.shape
-    out = np.empty((T, 3, H, W), np.uint8)
+    if dtype not in ("uint8", "float16"):
+        raise ValueError(f"stored Lab dtype {dtype!r}; choose 'uint8' or 'float16'")
+    out = np.empty((T, 3, H, W), dtype)
     for t in range(T):
-        frame_to_stored_lab(frames[t], method, out[t])
+        if dtype == "float16":
+            frame_to_float16_lab(frames[t], out[t])
+        else:
+            frame_to_stored_lab(frames[t], method, out[t])
     return out
 
 
@@ -139,9 +185,11 @@ def _png_decode(data: bytes) -> np.ndarray | None:
 
 
 def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, bytes]:
-    """(T, 3, H, W) uint8 stored Lab -> (member extension, bytes)."""
-    if lab.dtype != np.uint8 or lab.ndim != 4 or lab.shape[1] != 3:
-        raise ValueError(f"expected (T, 3, H, W) uint8 Lab, got {lab.dtype} {lab.shape}")
+    """(T, 3, H, W) stored Lab, uint8 (any storage) or float16 (raw) -> (extension, bytes)."""
+    if lab.dtype not in STORED_DTYPES or lab.ndim != 4 or lab.shape[1] != 3:
+        raise ValueError(f"expected (T, 3, H, W) uint8 or float16 Lab, got {lab.dtype} {lab.shape}")
+    if lab.dtype != np.uint8 and storage != "raw":
+        raise ValueError(f"{lab.dtype} Lab can only be stored raw, not as {storage}")
     T, _, H, W = lab.shape
     if storage == "raw":
         buf = io.BytesIO()
@@ -160,7 +208,8 @@ def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, 
 
 
 def decode_clip(ext: str, data: bytes, num_frames: int) -> np.ndarray:
-    """Member bytes -> (T, 3, H, W) uint8 stored Lab. Raises ClipDecodeError if corrupt."""
+    """Member bytes -> (T, 3, H, W) stored Lab (uint8, or float16 from raw storage).
+    Raises ClipDecodeError if corrupt."""
     if ext == EXTENSIONS["raw"]:
         try:
             lab = np.load(io.BytesIO(data), allow_pickle=False)
@@ -177,7 +226,7 @@ def decode_clip(ext: str, data: bytes, num_frames: int) -> np.ndarray:
         lab = planes.reshape(num_frames, 3, H, planes.shape[1])
     else:
         raise ClipDecodeError(f"unknown clip member extension {ext!r}; expected {CLIP_EXTENSIONS}")
-    if lab.dtype != np.uint8 or lab.ndim != 4 or lab.shape[:2] != (num_frames, 3):
+    if lab.dtype not in STORED_DTYPES or lab.ndim != 4 or lab.shape[:2] != (num_frames, 3):
         raise ClipDecodeError(
             f"clip has shape {lab.shape} {lab.dtype}, expected ({num_frames}, 3, H, W)"
         )

@@ -15,6 +15,7 @@ from typing import Literal
 from jobs.config import ConfigError, positive
 
 STORAGE_FORMATS = ("jpeg", "png", "raw")
+LAB_DTYPES = ("uint8", "float16")
 RESIZE_POLICIES = ("crop", "stretch")
 STAGES = ("pretrain", "main", "dynamic")
 
@@ -41,6 +42,10 @@ class IngestConfig:
     # RGB -> Lab: "float" (cv2 on float32, within 1 level of model.colour) or "uint8"
     # (OpenCV fixed point, within 2 levels, ~5x faster): see pipeline/codec.py.
     lab: Literal["float", "uint8"] = "float"
+    # Stored Lab dtype: "uint8" (8-bit levels, OpenCV's layout; every storage format) or
+    # "float16" (Lab units unquantised, L in [0, 100]: 40x finer than uint8, 6 bytes per
+    # pixel; `storage: raw` and `lab: float` only). See pipeline/codec.py.
+    dtype: Literal["uint8", "float16"] = "uint8"
     quality: int = 95  # JPEG quality (1..100); ignored for png/raw
     videos_per_shard: int = 16
     # Target tar size in MB (0 = one tar per shard, its size set by videos_per_shard). A shard
@@ -86,6 +91,12 @@ class IngestConfig:
         positive(self.clip_stride, "clip_stride", allow_zero=True)
         if len(self.size) != 2 or min(self.size) < 8:
             raise ConfigError(f"size={list(self.size)} must be [height, width], each >= 8")
+        if self.dtype == "float16" and (self.storage != "raw" or self.lab != "float"):
+            raise ConfigError(
+                f"dtype=float16 (storage={self.storage}, lab={self.lab}): float16 Lab is "
+                "stored uncompressed from the float conversion; set storage=raw and lab=float, "
+                "or keep dtype=uint8 for jpeg/png"
+            )
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"quality={self.quality} must be in 1..100")
         positive(self.videos_per_shard, "videos_per_shard")

@@ -8,7 +8,8 @@ Batches: {"frames": uint8 (B, K, 3, crop, crop) stored Lab, references first, ta
           "keys": list[str] sample keys}. By default the model normalises on its device
 (model.colour.normalise_lab): uint8 keeps worker->trainer transfers 4x smaller than float.
 `loader.normalise: true` yields float32 normalised Lab (L -> (L - 50) / 50, a, b -> / 127)
-instead; the model accepts either.
+instead; the model accepts either. Clips ingested with `dtype: float16` (unquantised Lab) are
+always yielded that way, float32 normalised: only uint8 frames are left to the model.
 
 Two modes:
 - `make_train_loader` (resampled): every (rank, DataLoader worker) draws shards with
@@ -252,16 +253,20 @@ class ClipStream(IterableDataset):
                 unusable = 0
                 self._count("samples")
                 clip = torch.from_numpy(frames)
+                float_lab = clip.dtype != torch.uint8  # float16 Lab units: normalise here
                 yield {
-                    "frames": normalise_lab(clip) if self.cfg.normalise else clip,
+                    "frames": normalise_lab(clip) if self.cfg.normalise or float_lab else clip,
                     "gaps": torch.from_numpy(gaps),
                     "key": key,
                 }
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    frames = [s["frames"] for s in samples]
+    if len({f.dtype for f in frames}) > 1:  # uint8 and float16 shard sets mixed: normalise all
+        frames = [normalise_lab(f) if f.dtype == torch.uint8 else f for f in frames]
     return {
-        "frames": torch.stack([s["frames"] for s in samples]),  # (B, K, 3, h, w) uint8
+        "frames": torch.stack(frames),  # (B, K, 3, h, w) uint8, or float32 normalised
         "gaps": torch.stack([s["gaps"] for s in samples]),  # (B, K-1) int64
         "keys": [s["key"] for s in samples],
     }

@@ -40,6 +40,7 @@ from pipeline import storage
 from pipeline.codec import (
     decoder_scales,
     encode_clip,
+    frame_to_float16_lab,
     frame_to_stored_lab,
     resize_frame,
     scaled_size,
@@ -53,12 +54,14 @@ log = logging.getLogger(__name__)
 def config_hash(cfg: IngestConfig) -> str:
     """Hash of the fields that change shard content (not Ray/fan-out settings)."""
     fields = {k: v for k, v in to_dict(cfg).items() if k in CONTENT_FIELDS}
+    if fields["dtype"] == "uint8":  # added later: shard sets written before it stay valid
+        del fields["dtype"]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
-    "size", "resize", "storage", "lab", "quality", "videos_per_shard", "shard_mb",
+    "size", "resize", "storage", "lab", "dtype", "quality", "videos_per_shard", "shard_mb",
 )  # fmt: skip
 
 
@@ -145,8 +148,11 @@ def open_reader(path: str, height: int, width: int, cfg: IngestConfig) -> Any:
 
 
 def _stored(frame: np.ndarray, cfg: IngestConfig) -> np.ndarray:
-    """Decoded (h, w, 3) RGB frame -> (3, H, W) stored Lab."""
-    return frame_to_stored_lab(resize_frame(frame, cfg.size, cfg.resize), cfg.lab)
+    """Decoded (h, w, 3) RGB frame -> (3, H, W) stored Lab (uint8 or float16)."""
+    frame = resize_frame(frame, cfg.size, cfg.resize)
+    if cfg.dtype == "float16":
+        return frame_to_float16_lab(frame)
+    return frame_to_stored_lab(frame, cfg.lab)
 
 
 def _pyav_frames(path: str, wanted: list[int], rotation: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -266,6 +272,7 @@ def _ingest_video(url: str, cfg: IngestConfig) -> tuple[dict[str, Any], list[tup
                         "fps": info.fps, "original_size": [info.height, info.width],
                         "rotation": info.rotation, "num_source_frames": info.num_frames,
                         "shape": list(lab.shape), "storage": cfg.storage,
+                        "dtype": cfg.dtype,
                     }  # fmt: skip
                     members.append((f"{key}.json", json.dumps(record, sort_keys=True).encode()))
                     members.append((f"{key}.{ext}", data))

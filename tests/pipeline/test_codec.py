@@ -55,6 +55,26 @@ def test_uint8_lab_method_within_two_levels(rgb):
         rgb_to_stored_lab(rgb, "half")
 
 
+def test_float16_lab_matches_model_colour_unquantised(rgb):
+    ours = rgb_to_stored_lab(rgb, dtype="float16")
+    ref = rgb_to_lab(torch.from_numpy(rgb).permute(0, 3, 1, 2)).numpy()  # float Lab units
+    assert ours.shape == (4, 3, 40, 48) and ours.dtype == np.float16
+    diff = np.abs(ours.astype(np.float32) - ref)
+    # float16 rounding alone (half of 0.0625 at |x| >= 64): far below uint8's step (0.39 L
+    # units, 1 a/b unit) and OpenCV's float approximations (up to 0.4).
+    assert diff.max() <= 0.0313 and diff.mean() < 0.01
+    assert ours[0, :, 0, 0].tolist() == [0, 0, 0] and ours[0, 0, 0, 1] == pytest.approx(100, 0.01)
+    assert ours[0, 1, 0, 2] == pytest.approx(80.1, abs=0.1)  # pure red: a = 80.1
+    ext, data = encode_clip(ours, "raw")  # raw keeps float16 exactly
+    back = decode_clip(ext, data, 4)
+    assert back.dtype == np.float16 and np.array_equal(back, ours)
+    for storage in ("jpeg", "png"):
+        with pytest.raises(ValueError, match="only be stored raw"):
+            encode_clip(ours, storage)
+    with pytest.raises(ValueError, match="float16"):
+        rgb_to_stored_lab(rgb, dtype="float32")
+
+
 @pytest.mark.parametrize("storage", ["png", "raw"])
 def test_lossless_codecs_roundtrip_exactly(rgb, storage):
     lab = rgb_to_stored_lab(rgb)

@@ -17,7 +17,7 @@ from jobs.config import ConfigError, from_dict, to_dict
 from model.colour import normalise_lab
 from pipeline.codec import ClipDecodeError, decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
-from pipeline.loader import iter_shard, make_epoch_loader, make_train_loader
+from pipeline.loader import collate, iter_shard, make_epoch_loader, make_train_loader
 from pipeline.samples import UnusableClip, select_frames
 from pipeline.sharding import assign
 from pipeline.summary import build_manifest, write_manifest
@@ -126,6 +126,40 @@ def test_normalise_yields_network_space_lab(shards):
         assert raw["frames"].dtype == torch.uint8 and norm["frames"].dtype == torch.float32
         torch.testing.assert_close(norm["frames"], normalise_lab(raw["frames"]))
         assert -1.0 <= norm["frames"][:, :, 0].min() and norm["frames"][:, :, 0].max() <= 1.0
+
+
+def test_float16_shards_load_as_normalised_float_lab(shards, tmp_path):
+    # The same videos stored unquantised (float16, raw) and as uint8 raw: the loader draws
+    # the same samples and yields float32 network-space Lab, equal to the uint8 frames
+    # normalised up to their 8-bit quantisation (<= 1 level: 0.008 in network units).
+    from ingest_media import write_video
+
+    src = tmp_path / "in"
+    src.mkdir()
+    videos = [str(write_video(src / f"v{i}.mp4", n, 48, 64)) for i, n in enumerate(LENGTHS)]
+    sets = {}
+    for dtype in ("float16", "uint8"):
+        dst = tmp_path / dtype
+        dst.mkdir()
+        cfg = from_dict(IngestConfig, dict(clip_len=9, clip_stride=3, size=[32, 32],
+                        videos_per_shard=2, storage="raw", dtype=dtype))  # fmt: skip
+        specs = assign(videos, str(dst), 2)
+        stats = {s.index: process_shard(s, to_dict(cfg)) for s in specs}
+        write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
+        key, record, ext, data = next(iter_shard(str(dst / "shard-000000.tar")))
+        assert record["dtype"] == dtype and decode_clip(ext, data, 9).dtype == np.dtype(dtype)
+        loader = make_train_loader(str(dst / "manifest.json"), _cfg(crop_size=24), rank=0,
+                                   world_size=1, seed=5)  # fmt: skip
+        sets[dtype] = [b for _, b in zip(range(3), loader)]
+    for f16, u8 in zip(sets["float16"], sets["uint8"]):
+        assert f16["keys"] == u8["keys"] and torch.equal(f16["gaps"], u8["gaps"])
+        assert f16["frames"].dtype == torch.float32 and u8["frames"].dtype == torch.uint8
+        diff = (f16["frames"] - normalise_lab(u8["frames"])).abs()
+        assert diff.max() < 0.012 and diff.mean() < 0.003
+    # A batch mixing both (two shard sets in one list) is normalised as a whole.
+    mixed = collate([{"frames": sets[d][0]["frames"][0], "gaps": sets[d][0]["gaps"][0],
+                      "key": d} for d in ("uint8", "float16")])  # fmt: skip
+    assert mixed["frames"].dtype == torch.float32 and mixed["frames"].shape[0] == 2
 
 
 def test_samples_per_clip_reuses_each_decoded_clip(shards):

@@ -75,6 +75,12 @@ def test_config_validation_and_shipped_configs():
         from_dict(IngestConfig, {"clip_length": 3})
     with pytest.raises(ConfigError, match="shard_mb"):
         from_dict(IngestConfig, {"shard_mb": -1})
+    with pytest.raises(ConfigError, match="dtype"):
+        from_dict(IngestConfig, {"dtype": "float32"})
+    for bad in ({"storage": "jpeg"}, {"storage": "png"}, {"storage": "raw", "lab": "uint8"}):
+        with pytest.raises(ConfigError, match="set storage=raw and lab=float"):
+            from_dict(IngestConfig, {"dtype": "float16", **bad})
+    assert from_dict(IngestConfig, {"dtype": "float16", "storage": "raw"}).dtype == "float16"
     dyn = load_config(IngestConfig, "configs/ingest/dynamic.yaml")
     assert dyn.offsets[-1] - dyn.offsets[0] > 15 and dyn.span == 30
     for name in ("pretrain", "main"):
