@@ -14,9 +14,6 @@ from typing import Literal
 
 from jobs.config import ConfigError, positive
 
-STORAGE_FORMATS = ("jpeg", "png", "raw")
-LAB_DTYPES = ("uint8", "float16")
-RESIZE_POLICIES = ("crop", "stretch")
 STAGES = ("pretrain", "main", "dynamic")
 
 

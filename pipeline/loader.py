@@ -326,22 +326,10 @@ class TrainLoader:
                     batch = []
 
 
-def _make_loader(
-    source: str | list[str],
-    cfg: LoaderConfig,
-    *,
-    rank: int,
-    world_size: int,
-    seed: int,
-    start_step: int,
-    resampled: bool,
-) -> TrainLoader:
+def _make_loader(source: str | list[str], cfg: LoaderConfig, **stream_args: Any) -> TrainLoader:
+    """The loader of both factories: `stream_args` are ClipStream's keyword arguments."""
     urls, counts = resolve_source(source)
-    stream = ClipStream(
-        urls, counts, cfg, rank=rank, world_size=world_size, seed=seed,
-        start_step=start_step, resampled=resampled,
-    )  # fmt: skip
-    return TrainLoader(stream, cfg)
+    return TrainLoader(ClipStream(urls, counts, cfg, **stream_args), cfg)
 
 
 def make_train_loader(

@@ -53,9 +53,12 @@ log = logging.getLogger(__name__)
 
 def config_hash(cfg: IngestConfig) -> str:
     """Hash of the fields that change shard content (not Ray/fan-out settings)."""
-    fields = {k: v for k, v in to_dict(cfg).items() if k in CONTENT_FIELDS}
-    if fields["dtype"] == "uint8":  # added later: shard sets written before it stay valid
-        del fields["dtype"]
+    defaults = to_dict(IngestConfig())
+    fields = {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if k in CONTENT_FIELDS and not (k in LATER_FIELDS and v == defaults[k])
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -63,6 +66,9 @@ CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
     "size", "resize", "storage", "lab", "dtype", "quality", "videos_per_shard", "shard_mb",
 )  # fmt: skip
+# Content fields added after shard sets were written: hashed only when set off their default,
+# so the hash of those shard sets, and with it reruns and appends into them, stays valid.
+LATER_FIELDS = ("dtype",)
 
 
 class SkipVideo(Exception):

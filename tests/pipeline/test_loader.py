@@ -132,11 +132,8 @@ def test_float16_shards_load_as_normalised_float_lab(shards, tmp_path):
     # The same videos stored unquantised (float16, raw) and as uint8 raw: the loader draws
     # the same samples and yields float32 network-space Lab, equal to the uint8 frames
     # normalised up to their 8-bit quantisation (<= 1 level: 0.008 in network units).
-    from ingest_media import write_video
-
-    src = tmp_path / "in"
-    src.mkdir()
-    videos = [str(write_video(src / f"v{i}.mp4", n, 48, 64)) for i, n in enumerate(LENGTHS)]
+    src = shards[0].parent / "in"  # the videos behind the `shards` fixture
+    videos = [str(src / f"v{i}.mp4") for i in range(len(LENGTHS))]
     sets = {}
     for dtype in ("float16", "uint8"):
         dst = tmp_path / dtype
