@@ -8,7 +8,8 @@ manifest.json (deterministic: the same inputs and config give the same bytes):
     videos             {"total", "ok", "skipped", "failed"} over every input video
     problems           [{"path", "status", "message"}] for every skipped or failed video
     incomplete_shards  {name: error} for shards that failed twice (absent from `shards`)
-    clip_frames, frame_offsets, size, storage: what a sample holds (the loader reads these)
+    clip_frames, frame_offsets, size, storage, dtype: what a sample holds (for readers of
+                       the data; the loader needs only shards and samples_per_shard)
     config, config_hash
     content_hash       sha256 over config_hash and every tar's name and sha256: the data
                        lineage training logs
@@ -79,6 +80,7 @@ def build_manifest(
         "frame_offsets": list(cfg.offsets),
         "size": list(cfg.size),
         "storage": cfg.storage,
+        "dtype": cfg.dtype,
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
         "content_hash": content.hexdigest(),

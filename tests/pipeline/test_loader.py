@@ -145,6 +145,7 @@ def test_float16_shards_load_as_normalised_float_lab(shards, tmp_path):
         write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
         key, record, ext, data = next(iter_shard(str(dst / "shard-000000.tar")))
         assert record["dtype"] == dtype and decode_clip(ext, data, 9).dtype == np.dtype(dtype)
+        assert json.loads((dst / "manifest.json").read_text())["dtype"] == dtype
         loader = make_train_loader(str(dst / "manifest.json"), _cfg(crop_size=24), rank=0,
                                    world_size=1, seed=5)  # fmt: skip
         sets[dtype] = [b for _, b in zip(range(3), loader)]
