@@ -238,8 +238,18 @@ def read_frames(reader: Any, indices: list[int]) -> Iterator[tuple[int, np.ndarr
             reader.seek_accurate(i)
         elif i > pos:
             reader.skip_frames(i - pos)
-        yield i, reader.next().asnumpy()
+        yield i, _rgb(reader.next().asnumpy())
         pos = i + 1
+
+
+def _rgb(frame: np.ndarray) -> np.ndarray:
+    """decord 0.6 derives a frame's channel count from FFmpeg's padded row size (the width
+    rounded up to 32 pixels, times 3) whenever the width divides it: frames 1-4, 6, 8, 12,
+    16, 24, 48 or 72 pixels wide (decoded at that size or scaled to it) come out as
+    (h, w, 4..96) arrays of padded RGB rows. Undone here: the rows, as RGB pixels, cut to
+    the width (exactly PyAV's decode of the same frames)."""
+    h, w, c = frame.shape
+    return frame if c == 3 else frame.reshape(h, w * c // 3, 3)[:, :w]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

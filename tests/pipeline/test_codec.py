@@ -155,3 +155,34 @@ def test_probe_and_clips_in_every_container(tmp_path, name, codec):
     got = list(clips)
     assert [ci for ci, _, _ in got] == [0] and got[0][1] == [0, 2, 4]
     assert got[0][2].shape == (3, 3, 32, 32) and got[0][2].dtype == np.uint8
+
+
+@pytest.mark.parametrize("width", [16, 24, 48, 72, 96])
+def test_narrow_frames_decode_as_pyav_does(tmp_path, width):
+    # decord 0.6 returns frames 16, 24, 48 or 72 pixels wide as (h, w, 6 or 4) arrays of
+    # padded rows (the worker's `_rgb` undoes it), whether the video is that narrow or scaled
+    # to that width: the frames must equal PyAV's decode (same decoder, bit-exact).
+    import av
+    import decord
+    from ingest_media import sample_video_dir, write_video
+
+    from pipeline.worker import read_frames
+
+    path = str(write_video(tmp_path / "narrow.mp4", 4, 32, width))
+    reader = decord.VideoReader(path, num_threads=1)
+    got = np.stack([f for _, f in read_frames(reader, [0, 1, 3])])
+    del reader
+    with av.open(path) as container:
+        want = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    np.testing.assert_array_equal(got, np.stack([want[i] for i in (0, 1, 3)]))
+    # Scaled to that width while decoding (the worker's large shrinks): swscale's output, up
+    # to the scalers' rounding (PyAV's FFmpeg is another build): nowhere near padding bytes.
+    bikes = str(sample_video_dir() / "bikes.mp4")
+    reader = decord.VideoReader(bikes, width=width, height=40, num_threads=1)
+    ((_, frame),) = read_frames(reader, [0])
+    del reader
+    with av.open(bikes) as container:
+        first = next(container.decode(video=0))
+    ref = first.reformat(width=width, height=40, format="rgb24", interpolation="BICUBIC")
+    assert frame.shape == (40, width, 3)
+    assert np.abs(frame.astype(int) - ref.to_ndarray()).mean() < 4
