@@ -51,7 +51,7 @@ from jobs.ingest import ingest
 from pipeline.codec import resize_frame
 from pipeline.config import IngestConfig
 from pipeline.reader import sample_video_dir
-from pipeline.worker import _probe, clip_starts, open_reader, read_frames
+from pipeline.worker import _probe, clip_starts, open_reader, read_frames, reuse_freed_buffers
 
 
 def sample_video(name: str) -> Path:
@@ -65,6 +65,7 @@ def decode_limit(
     ingest will store, read as the worker reads them (`open_reader`, `read_frames`), or with
     `naive`: decoded to full-size RGB, then resized with OpenCV (no scaling in FFmpeg)."""
     cv2.setNumThreads(1)
+    reuse_freed_buffers()  # as the worker does (it makes no difference to decoding)
     sizes = {path: _probe(str(path))[1:3] for path in videos}  # not timed: the worker probes
     frames = 0
     start, cpu_start = time.perf_counter(), time.process_time()

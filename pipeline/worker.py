@@ -21,6 +21,7 @@ Grayscale videos decode to RGB with R = G = B, i.e. a = b = 128 in stored Lab.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import io
@@ -153,12 +154,13 @@ def open_reader(path: str, height: int, width: int, cfg: IngestConfig) -> Any:
     return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads, **kwargs)
 
 
-def _stored(frame: np.ndarray, cfg: IngestConfig) -> np.ndarray:
-    """Decoded (h, w, 3) RGB frame -> (3, H, W) stored Lab (uint8 or float16)."""
+def _stored(frame: np.ndarray, cfg: IngestConfig, out: np.ndarray | None = None) -> np.ndarray:
+    """Decoded (h, w, 3) RGB frame -> (3, H, W) stored Lab (uint8 or float16), written
+    into `out` when given."""
     frame = resize_frame(frame, cfg.size, cfg.resize)
     if cfg.dtype == "float16":
-        return frame_to_float16_lab(frame)
-    return frame_to_stored_lab(frame, cfg.lab)
+        return frame_to_float16_lab(frame, out)
+    return frame_to_stored_lab(frame, cfg.lab, out)
 
 
 def _pyav_frames(path: str, wanted: list[int], rotation: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -208,14 +210,26 @@ def video_clips(
         nonlocal reader
         frames = read_frames(reader, sorted({s + o for s in starts for o in offsets}))
         try:
-            cache: dict[int, np.ndarray] = {}  # stored Lab (3, H, W) of each decoded frame
+            # Each frame is converted once, straight into the clip array that first needs it;
+            # `cache` keeps (views of) frames a later, overlapping clip needs too.
+            cache: dict[int, np.ndarray] = {}
+            shape = (len(offsets), 3, *cfg.size)
             for ci, s in enumerate(starts):
                 idx = [s + o for o in offsets]
-                while any(i not in cache for i in idx):
-                    i, frame = next(frames)  # (h, w, 3) uint8 RGB, in index order
-                    cache[i] = _stored(frame, cfg)  # once, even if clips overlap
-                yield ci, idx, np.stack([cache[i] for i in idx])
-                for i in [i for i in cache if i < (starts[ci + 1] if ci + 1 < len(starts) else 0)]:
+                clip = np.empty(shape, cfg.dtype)
+                for t, i in enumerate(idx):
+                    if i in cache:
+                        clip[t] = cache[i]
+                        continue
+                    while True:
+                        j, frame = next(frames)  # (h, w, 3) uint8 RGB, in index order
+                        if j == i:
+                            break
+                        cache[j] = _stored(frame, cfg)  # a frame only a later clip needs
+                    cache[i] = _stored(frame, cfg, clip[t])
+                yield ci, idx, clip
+                nxt = starts[ci + 1] if ci + 1 < len(starts) else None
+                for i in [i for i in cache if nxt is None or i < nxt]:
                     del cache[i]  # frames no later clip needs
         finally:
             del reader  # free the decoder (and its threads) before the next video
@@ -357,11 +371,28 @@ def _write_tar(
     return result
 
 
+def reuse_freed_buffers() -> None:
+    """Let glibc keep freed buffers of up to 32 MB for reuse (this process, idempotent).
+
+    By default it returns any freed block over a dynamic threshold (from 128 KB) to the
+    kernel, and trims the heap top; every frame's Lab planes, clip array and JPEG buffer
+    then lands on fresh pages that the kernel must fault in and zero. Keeping them: 2-3% less
+    ingest CPU (bench/ingest.py; none for decoding alone), at the cost of the worker holding
+    up to 64 MB of freed heap. A no-op where libc is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum)
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """Write one shard (one tar, or several parts with `shard_mb`) and its stats file; returns
     the stats plus `seconds` and `cpu_seconds` (not stored: the stored stats are deterministic)."""
     cfg = from_dict(IngestConfig, cfg_dict)
     cv2.setNumThreads(max(1, int(cfg.task_cpus)))  # OpenCV's pool would oversubscribe the task
+    reuse_freed_buffers()
     start, cpu_start = time.perf_counter(), time.process_time()
     limit = cfg.shard_mb * 1e6 if cfg.shard_mb > 0 else float("inf")
     videos: list[dict[str, Any]] = []

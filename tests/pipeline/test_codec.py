@@ -157,6 +157,39 @@ def test_probe_and_clips_in_every_container(tmp_path, name, codec):
     assert got[0][2].shape == (3, 3, 32, 32) and got[0][2].dtype == np.uint8
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    [dict(clip_len=3, frame_step=2, clip_stride=2),  # overlapping clips share frames
+     dict(frame_offsets=[0, 1, 5, 6], clip_stride=3),  # sparse: later clips' frames in gaps
+     dict(clip_len=2, frame_step=3, dtype="float16", storage="raw", lab="float")],
+)  # fmt: skip
+def test_clips_equal_an_independent_decode_of_their_frames(geometry):
+    # video_clips converts each decoded frame once, into the first clip that needs it, and
+    # copies it into later overlapping clips: every clip must equal its frames decoded anew.
+    from ingest_media import sample_video_dir
+
+    from pipeline.codec import frame_to_float16_lab, frame_to_stored_lab
+    from pipeline.config import IngestConfig
+    from pipeline.worker import _probe, open_reader, read_frames, video_clips
+
+    path = str(sample_video_dir() / "carphone_pristine.mp4")
+    cfg = IngestConfig(clips_per_video=0, size=(32, 40), **geometry)
+    _, clips = video_clips(path, cfg)
+    got = list(clips)
+    assert len(got) > 3
+    for ci, idx, lab in got:
+        assert idx == [ci * (cfg.clip_stride or cfg.span) + o for o in cfg.offsets]
+        reader = open_reader(path, *_probe(path)[1:3], cfg)
+        rgb = [resize_frame(f, cfg.size, "crop") for _, f in read_frames(reader, idx)]
+        del reader
+        if cfg.dtype == "float16":
+            want = np.stack([frame_to_float16_lab(f) for f in rgb])
+        else:
+            want = np.stack([frame_to_stored_lab(f, cfg.lab) for f in rgb])
+        assert lab.dtype == want.dtype
+        np.testing.assert_array_equal(lab, want)
+
+
 @pytest.mark.parametrize("width", [16, 24, 48, 72, 96])
 def test_narrow_frames_decode_as_pyav_does(tmp_path, width):
     # decord 0.6 returns frames 16, 24, 48 or 72 pixels wide as (h, w, 6 or 4) arrays of
