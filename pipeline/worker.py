@@ -16,6 +16,9 @@ and resizing them with OpenCV. decord mishandles display rotation (it swaps the 
 the pixels, and copies fail or return garbage), so every video is probed with PyAV first; a
 video with a display-rotation matrix is decoded with PyAV instead and rotated upright
 (np.rot90 by the matrix angle, counter-clockwise as FFmpeg's `av_display_rotation_get`).
+So is a video that decord cannot open although PyAV decoded its first frame: codecs that
+decord 0.6's own FFmpeg lacks, AV1 above all (the stats entry says `"decoder": "pyav"`).
+Either way frames stream through `_clips`: a long video never sits in memory decoded.
 Grayscale videos decode to RGB with R = G = B, i.e. a = b = 128 in stored Lab.
 """
 
@@ -83,6 +86,7 @@ class VideoInfo:
     height: int  # as displayed (after rotation)
     width: int
     rotation: int  # degrees, 0/90/180/270
+    decoder: str = "decord"  # or "pyav": rotated videos, codecs decord's FFmpeg lacks (AV1)
 
 
 def clip_starts(num_frames: int, cfg: IngestConfig) -> list[int]:
@@ -111,17 +115,17 @@ def _probe(path: str) -> tuple[int, int, int, VideoInfo | None]:
     try:
         rotation, height, width, _ = _probe_with(path, _FAST_PROBE, with_info=False)
     except (av.FFmpegError, ValueError):
-        return _probe_with(path, {})
+        rotation, height, width, _ = _probe_with(path, {}, with_info=False)
     if rotation:
-        return _probe_with(path, {})
+        return _probe_with(path, {}, with_info=True)
     return rotation, height, width, None
 
 
 def _probe_with(
-    path: str, options: dict[str, str], with_info: bool = True
+    path: str, options: dict[str, str], with_info: bool
 ) -> tuple[int, int, int, VideoInfo | None]:
-    """Probe with these container options; the info of a rotated video (frame count, fps:
-    maybe a decode of every frame) only `with_info`."""
+    """Probe with these container options; `with_info`, also the info for decoding with
+    PyAV (frame count, fps: maybe a decode of every frame)."""
     import av
 
     with av.open(path, options=options) as container:
@@ -133,12 +137,13 @@ def _probe_with(
         if first is None:
             raise ValueError("video stream has no decodable frame")
         rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
-        if rotation == 0 or not with_info:
+        if not with_info:
             return rotation, first.height, first.width, None
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
         count = stream.frames or sum(1 for _ in container.decode(stream)) + 1
         h, w = (first.height, first.width) if rotation % 180 == 0 else (first.width, first.height)
-        return rotation, first.height, first.width, VideoInfo(int(count), fps, h, w, rotation)
+        info = VideoInfo(int(count), fps, h, w, rotation, decoder="pyav")
+        return rotation, first.height, first.width, info
 
 
 def open_reader(path: str, height: int, width: int, cfg: IngestConfig) -> Any:
@@ -164,6 +169,8 @@ def _stored(frame: np.ndarray, cfg: IngestConfig, out: np.ndarray | None = None)
 
 
 def _pyav_frames(path: str, wanted: list[int], rotation: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Like `read_frames`, decoded with PyAV (every frame up to the last wanted one) and
+    rotated upright (np.rot90 by the display-matrix angle)."""
     import av
 
     targets = set(wanted)
@@ -179,62 +186,67 @@ def _pyav_frames(path: str, wanted: list[int], rotation: int) -> Iterator[tuple[
 def video_clips(
     path: str, cfg: IngestConfig
 ) -> tuple[VideoInfo, Iterator[tuple[int, list[int], np.ndarray]]]:
-    """(info, iterator of (clip index, source frame indices, (T, 3, H, W) uint8 Lab))."""
+    """(info, iterator of (clip index, source frame indices, (T, 3, H, W) stored Lab)).
+
+    decord decodes, but for rotated videos and codecs that decord's own FFmpeg build lacks
+    (AV1 in decord 0.6's wheels): PyAV decodes those, frames streamed the same way."""
+    import decord
+
     rotation, height, width, info = _probe(path)
-    offsets = cfg.offsets
-    if info is not None:  # rotated: PyAV decodes, sequentially
-        starts = clip_starts(info.num_frames, cfg)
-        if not starts:
-            raise SkipVideo(f"too short: {info.num_frames} frames < clip span {cfg.span}")
-
-        def rotated() -> Iterator[tuple[int, list[int], np.ndarray]]:
-            wanted = sorted({s + o for s in starts for o in offsets})
-            frames = dict(_pyav_frames(path, wanted, rotation))
-            for ci, s in enumerate(starts):
-                idx = [s + o for o in offsets]
-                if any(i not in frames for i in idx):
-                    raise ValueError(f"decoded {len(frames)} frames, clip {ci} needs {idx}")
-                yield ci, idx, np.stack([_stored(frames[i], cfg) for i in idx])
-
-        return info, rotated()
-
-    reader = open_reader(path, height, width, cfg)
-    num_frames = len(reader)
-    info = VideoInfo(num_frames, float(reader.get_avg_fps()), height, width, 0)
-    starts = clip_starts(num_frames, cfg)
+    reader = None
+    if info is None:
+        try:
+            reader = open_reader(path, height, width, cfg)
+        except decord.DECORDError:  # PyAV decoded the probe's frame: it can decode the rest
+            info = _probe_with(path, {}, with_info=True)[3]
+    if reader is not None:
+        info = VideoInfo(len(reader), float(reader.get_avg_fps()), height, width, 0)
+    assert info is not None
+    starts = clip_starts(info.num_frames, cfg)
     if not starts:
         del reader
-        raise SkipVideo(f"too short: {num_frames} frames < clip span {cfg.span}")
+        raise SkipVideo(f"too short: {info.num_frames} frames < clip span {cfg.span}")
+    wanted = sorted({s + o for s in starts for o in cfg.offsets})
+    if reader is None:
+        frames = _pyav_frames(path, wanted, info.rotation)
+    else:
+        frames = read_frames(reader, wanted)  # holds the reader until it is closed
+        del reader
+    return info, _clips(frames, starts, cfg)
 
-    def decoded() -> Iterator[tuple[int, list[int], np.ndarray]]:
-        nonlocal reader
-        frames = read_frames(reader, sorted({s + o for s in starts for o in offsets}))
-        try:
-            # Each frame is converted once, straight into the clip array that first needs it;
-            # `cache` keeps (views of) frames a later, overlapping clip needs too.
-            cache: dict[int, np.ndarray] = {}
-            shape = (len(offsets), 3, *cfg.size)
-            for ci, s in enumerate(starts):
-                idx = [s + o for o in offsets]
-                clip = np.empty(shape, cfg.dtype)
-                for t, i in enumerate(idx):
-                    if i in cache:
-                        clip[t] = cache[i]
-                        continue
-                    while True:
-                        j, frame = next(frames)  # (h, w, 3) uint8 RGB, in index order
-                        if j == i:
-                            break
-                        cache[j] = _stored(frame, cfg)  # a frame only a later clip needs
-                    cache[i] = _stored(frame, cfg, clip[t])
-                yield ci, idx, clip
-                nxt = starts[ci + 1] if ci + 1 < len(starts) else None
-                for i in [i for i in cache if nxt is None or i < nxt]:
-                    del cache[i]  # frames no later clip needs
-        finally:
-            del reader  # free the decoder (and its threads) before the next video
 
-    return info, decoded()
+def _clips(
+    frames: Iterator[tuple[int, np.ndarray]], starts: list[int], cfg: IngestConfig
+) -> Iterator[tuple[int, list[int], np.ndarray]]:
+    """Clips from decoded frames (index, RGB), streamed in index order.
+
+    Each frame is converted once, straight into the clip array that first needs it; `cache`
+    keeps (views of) frames a later, overlapping clip needs too. The decoder is closed (and
+    its threads freed) when the clips end, also early."""
+    cache: dict[int, np.ndarray] = {}
+    shape = (len(cfg.offsets), 3, *cfg.size)
+    try:
+        for ci, s in enumerate(starts):
+            idx = [s + o for o in cfg.offsets]
+            clip = np.empty(shape, cfg.dtype)
+            for t, i in enumerate(idx):
+                if i in cache:
+                    clip[t] = cache[i]
+                    continue
+                while True:
+                    j, frame = next(frames, (None, None))  # (h, w, 3) uint8 RGB, in order
+                    if j is None:
+                        raise ValueError(f"the video ends before frame {i} (clip {ci})")
+                    if j == i:
+                        break
+                    cache[j] = _stored(frame, cfg)  # a frame only a later clip needs
+                cache[i] = _stored(frame, cfg, clip[t])
+            yield ci, idx, clip
+            nxt = starts[ci + 1] if ci + 1 < len(starts) else None
+            for i in [i for i in cache if nxt is None or i < nxt]:
+                del cache[i]  # frames no later clip needs
+    finally:
+        frames.close()  # type: ignore[attr-defined]
 
 
 SEEK_GAP = 48  # frames: decode through shorter gaps, seek over longer ones
@@ -252,7 +264,11 @@ def read_frames(reader: Any, indices: list[int]) -> Iterator[tuple[int, np.ndarr
             reader.seek_accurate(i)
         elif i > pos:
             reader.skip_frames(i - pos)
-        yield i, _rgb(reader.next().asnumpy())
+        try:
+            frame = reader.next()
+        except StopIteration:  # fewer frames than the container said: the clips say which
+            return
+        yield i, _rgb(frame.asnumpy())
         pos = i + 1
 
 
@@ -293,6 +309,8 @@ def _ingest_video(url: str, cfg: IngestConfig) -> tuple[dict[str, Any], list[tup
             entry.update(frames=info.num_frames, fps=info.fps, size=[info.height, info.width])
             if info.rotation:
                 entry["rotation"] = info.rotation
+            if info.decoder != "decord":
+                entry["decoder"] = info.decoder
             try:
                 for ci, idx, lab in clips:
                     key = f"{vid}_c{ci:04d}"
