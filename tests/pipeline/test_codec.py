@@ -267,3 +267,32 @@ def test_pyav_decoded_video_streams_its_frames(tmp_path, monkeypatch):
     ci, idx, _ = next(clips)
     assert (ci, idx, decoded) == (0, [0, 1, 2, 3], [0, 1, 2, 3])  # no frame beyond the clip
     assert sum(1 for _ in clips) == 9 and decoded == list(range(40))
+
+
+def test_truncated_video_keeps_the_clips_before_the_cut(tmp_path):
+    # A download cut short: the header (moov first) promises 120 frames, the data stops
+    # halfway. decord refuses the file, PyAV decodes up to the cut: the clips before it are
+    # kept and the entry says where it stopped.
+    import av
+    from ingest_media import sample_video_dir
+
+    from pipeline.config import IngestConfig
+    from pipeline.worker import _ingest_video
+
+    whole = tmp_path / "faststart.mp4"
+    with av.open(str(sample_video_dir() / "carphone_pristine.mp4")) as src:
+        with av.open(str(whole), "w", options={"movflags": "faststart"}) as out:
+            stream = out.add_stream_from_template(src.streams.video[0])
+            for packet in src.demux(src.streams.video[0]):
+                if packet.dts is not None:
+                    packet.stream = stream
+                    out.mux(packet)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cfg = IngestConfig(clip_len=8, clips_per_video=0, size=(32, 32), storage="png")
+    entry, members = _ingest_video(str(whole), cfg)
+    assert (entry["status"], entry["clips"], entry["message"]) == ("ok", 15, "")
+    entry, members = _ingest_video(str(cut), cfg)
+    assert entry["status"] == "ok" and entry["frames"] == 120 and 3 <= entry["clips"] < 15
+    assert entry["message"].startswith(f"stopped after {entry['clips']} clips: ")
+    assert len(members) == 2 * entry["clips"]
