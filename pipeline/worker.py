@@ -292,12 +292,23 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _ingest_video(url: str, cfg: IngestConfig) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
-    """(status entry, tar members) of one video; members are buffered, so a video that fails
-    mid-way adds no partial samples."""
-    vid = video_id(url)
-    members: list[tuple[str, bytes]] = []
-    entry: dict[str, Any] = {"path": url, "id": vid, "status": "ok", "clips": 0, "message": ""}
+Members = Iterator[tuple[str, bytes]]  # tar members (name, data) of one video, in order
+
+
+def _ingest_video(url: str, cfg: IngestConfig) -> tuple[dict[str, Any], Members]:
+    """(status entry, tar members) of one video. The members are produced clip by clip as
+    they are consumed, so a long video never sits in memory; the entry is complete once
+    they are exhausted."""
+    entry: dict[str, Any] = {
+        "path": url, "id": video_id(url), "status": "ok", "clips": 0, "message": "",
+    }  # fmt: skip
+    return entry, _video_members(url, cfg, entry)
+
+
+def _video_members(url: str, cfg: IngestConfig, entry: dict[str, Any]) -> Members:
+    """Members of `_ingest_video`, recording in `entry` what happens: a video that cannot
+    be read, or stops before its first clip, is "failed"; one that stops later keeps the
+    clips before and says where it stopped."""
     try:
         fs, fpath = storage.get_fs(url)
         if not fs.exists(fpath):
@@ -311,32 +322,25 @@ def _ingest_video(url: str, cfg: IngestConfig) -> tuple[dict[str, Any], list[tup
                 entry["rotation"] = info.rotation
             if info.decoder != "decord":
                 entry["decoder"] = info.decoder
-            try:
-                for ci, idx, lab in clips:
-                    key = f"{vid}_c{ci:04d}"
-                    ext, data = encode_clip(lab, cfg.storage, cfg.quality)
-                    record = {
-                        "key": key, "source": url, "clip_index": ci, "frame_indices": idx,
-                        "fps": info.fps, "original_size": [info.height, info.width],
-                        "rotation": info.rotation, "num_source_frames": info.num_frames,
-                        "shape": list(lab.shape), "storage": cfg.storage,
-                        "dtype": cfg.dtype,
-                    }  # fmt: skip
-                    members.append((f"{key}.json", json.dumps(record, sort_keys=True).encode()))
-                    members.append((f"{key}.{ext}", data))
-            except Exception as e:  # a decode error mid-video: keep the clips before it
-                if not members:
-                    raise
-                entry["message"] = (
-                    f"stopped after {len(members) // 2} clips: {type(e).__name__}: {e}"
-                )
-            entry["clips"] = len(members) // 2
+            for ci, idx, lab in clips:
+                key = f"{entry['id']}_c{ci:04d}"
+                ext, data = encode_clip(lab, cfg.storage, cfg.quality)
+                record = {
+                    "key": key, "source": url, "clip_index": ci, "frame_indices": idx,
+                    "fps": info.fps, "original_size": [info.height, info.width],
+                    "rotation": info.rotation, "num_source_frames": info.num_frames,
+                    "shape": list(lab.shape), "storage": cfg.storage, "dtype": cfg.dtype,
+                }  # fmt: skip
+                entry["clips"] += 1
+                yield f"{key}.json", json.dumps(record, sort_keys=True).encode()
+                yield f"{key}.{ext}", data
     except SkipVideo as e:
         entry.update(status="skipped", message=str(e))
     except Exception as e:  # task boundary for one video: record, never fail the shard
-        entry.update(status="failed", message=f"{type(e).__name__}: {e}"[:500])
-        members = []
-    return entry, members
+        if entry["clips"]:  # a decode error mid-video: the clips before it stay
+            entry["message"] = f"stopped after {entry['clips']} clips: {type(e).__name__}: {e}"
+        else:
+            entry.update(status="failed", message=f"{type(e).__name__}: {e}"[:500])
 
 
 class _Counting:
@@ -357,8 +361,8 @@ class _Counting:
 def _write_tar(
     spec: ShardSpec,
     part: int,
-    results: Iterator[tuple[dict[str, Any], list[tuple[str, bytes]]]],
-    carry: list[tuple[dict[str, Any], list[tuple[str, bytes]]]],
+    results: Iterator[tuple[dict[str, Any], Members]],
+    carry: list[tuple[dict[str, Any], Members]],
     limit: float,
     videos: list[dict[str, Any]],
 ) -> dict[str, Any]:
@@ -374,12 +378,14 @@ def _write_tar(
         out = _Counting(f)
         with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for entry, members in itertools.chain([carry.pop()] if carry else [], results):
-                if members and out.size >= limit:
-                    carry.append((entry, members))  # starts the next part
-                    break
-                for member, data in members:
-                    _add(tar, member, data)
-                if members:
+                first = next(members, None)  # the video up to its first clip, or its end
+                if first is not None:
+                    members = itertools.chain([first], members)
+                    if out.size >= limit:
+                        carry.append((entry, members))  # starts the next part
+                        break
+                    for member, data in members:
+                        _add(tar, member, data)
                     entry["tar"] = name
                 result["num_samples"] += entry["clips"]
                 videos.append(entry)

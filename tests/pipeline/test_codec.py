@@ -190,6 +190,16 @@ def test_clips_equal_an_independent_decode_of_their_frames(geometry):
         np.testing.assert_array_equal(lab, want)
 
 
+def _ingest_one(path, cfg):
+    """(stats entry, members) of one video, as the worker writes them (the entry is
+    complete once its members are consumed)."""
+    from pipeline.worker import _ingest_video
+
+    entry, members = _ingest_video(path, cfg)
+    members = list(members)
+    return entry, members
+
+
 @pytest.mark.parametrize("width", [16, 24, 48, 72, 96])
 def test_narrow_frames_decode_as_pyav_does(tmp_path, width):
     # decord 0.6 returns frames 16, 24, 48 or 72 pixels wide as (h, w, 6 or 4) arrays of
@@ -229,11 +239,11 @@ def test_av1_falls_back_to_pyav(tmp_path):
 
     from pipeline.codec import frame_to_stored_lab
     from pipeline.config import IngestConfig
-    from pipeline.worker import _ingest_video, video_clips
+    from pipeline.worker import video_clips
 
     path = str(write_video(tmp_path / "av1.mp4", 10, 48, 64, codec="libsvtav1"))
     cfg = IngestConfig(clip_len=3, frame_step=2, clips_per_video=2, size=(32, 32), storage="png")
-    entry, members = _ingest_video(path, cfg)
+    entry, members = _ingest_one(path, cfg)
     assert (entry["status"], entry["clips"], entry["decoder"]) == ("ok", 2, "pyav")
     assert entry["frames"] == 10 and len(members) == 4
     _, clips = video_clips(path, cfg)
@@ -277,7 +287,6 @@ def test_truncated_video_keeps_the_clips_before_the_cut(tmp_path):
     from ingest_media import sample_video_dir
 
     from pipeline.config import IngestConfig
-    from pipeline.worker import _ingest_video
 
     whole = tmp_path / "faststart.mp4"
     with av.open(str(sample_video_dir() / "carphone_pristine.mp4")) as src:
@@ -290,9 +299,26 @@ def test_truncated_video_keeps_the_clips_before_the_cut(tmp_path):
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     cfg = IngestConfig(clip_len=8, clips_per_video=0, size=(32, 32), storage="png")
-    entry, members = _ingest_video(str(whole), cfg)
+    entry, members = _ingest_one(str(whole), cfg)
     assert (entry["status"], entry["clips"], entry["message"]) == ("ok", 15, "")
-    entry, members = _ingest_video(str(cut), cfg)
+    entry, members = _ingest_one(str(cut), cfg)
     assert entry["status"] == "ok" and entry["frames"] == 120 and 3 <= entry["clips"] < 15
     assert entry["message"].startswith(f"stopped after {entry['clips']} clips: ")
     assert len(members) == 2 * entry["clips"]
+
+
+def test_members_of_a_video_are_produced_clip_by_clip():
+    # The worker writes a video's samples to the tar as they are made: a long video never
+    # sits in memory as encoded clips (the tar bytes are unchanged by this).
+    from ingest_media import sample_video_dir
+
+    from pipeline.config import IngestConfig
+    from pipeline.worker import _ingest_video
+
+    cfg = IngestConfig(clip_len=8, clips_per_video=0, size=(32, 32))
+    entry, members = _ingest_video(str(sample_video_dir() / "carphone_pristine.mp4"), cfg)
+    assert entry["clips"] == 0  # nothing decoded yet
+    first = [next(members), next(members)]
+    assert [name.split(".", 1)[1] for name, _ in first] == ["json", "lab.jpg"]
+    assert entry["clips"] == 1 and entry["frames"] == 120
+    assert len(list(members)) == 2 * 14 and entry["clips"] == 15
