@@ -197,7 +197,7 @@ def video_clips(
     if info is None:
         try:
             reader = open_reader(path, height, width, cfg)
-        except decord.DECORDError:  # PyAV decoded the probe's frame: it can decode the rest
+        except (decord.DECORDError, RuntimeError):  # PyAV decoded a frame: it can go on
             info = _probe_with(path, {}, with_info=True)[3]
     if reader is not None:
         info = VideoInfo(len(reader), float(reader.get_avg_fps()), height, width, 0)
