@@ -257,9 +257,11 @@ def test_av1_falls_back_to_pyav(tmp_path):
 def test_pyav_decoded_video_streams_its_frames(tmp_path, monkeypatch):
     # A rotated video is decoded with PyAV: frame by frame into the clips, never every
     # wanted frame of the video at once (a phone video of minutes would not fit in memory).
+    import av
     from ingest_media import write_video
 
     from pipeline import worker
+    from pipeline.codec import frame_to_stored_lab
     from pipeline.config import IngestConfig
 
     decoded = []
@@ -276,7 +278,16 @@ def test_pyav_decoded_video_streams_its_frames(tmp_path, monkeypatch):
     assert (info.decoder, info.height, info.width) == ("pyav", 128, 72)
     ci, idx, _ = next(clips)
     assert (ci, idx, decoded) == (0, [0, 1, 2, 3], [0, 1, 2, 3])  # no frame beyond the clip
-    assert sum(1 for _ in clips) == 9 and decoded == list(range(40))
+    rest = [lab for _, _, lab in clips]
+    assert len(rest) == 9 and decoded == list(range(40))
+    # 2.25x shrink: FFmpeg scaled the coded 128x72 frames to 57x32 before the rotation; the
+    # same as rotating full-size frames and shrinking them with OpenCV, but for the filters
+    # (an upside-down frame would be off by about 60 levels on average).
+    with av.open(path) as container:
+        rgb = [np.rot90(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    want = [frame_to_stored_lab(resize_frame(f, (32, 32), "crop"), "float") for f in rgb[4:]]
+    diff = np.abs(np.concatenate(rest).astype(int) - np.stack(want))
+    assert diff.mean() < 4
 
 
 def test_truncated_video_keeps_the_clips_before_the_cut(tmp_path):
