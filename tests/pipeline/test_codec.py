@@ -333,3 +333,17 @@ def test_members_of_a_video_are_produced_clip_by_clip():
     assert [name.split(".", 1)[1] for name, _ in first] == ["json", "lab.jpg"]
     assert entry["clips"] == 1 and entry["frames"] == 120
     assert len(list(members)) == 2 * 14 and entry["clips"] == 15
+
+
+def test_clips_stop_with_a_clear_error_where_the_frames_end():
+    # A stream with fewer frames than its container promised: the clips made so far come
+    # out, then an error that says which frame was missing (the worker keeps those clips).
+    from pipeline.config import IngestConfig
+    from pipeline.worker import _clips
+
+    frame = np.full((8, 8, 3), 128, np.uint8)
+    cfg = IngestConfig(clip_len=2, size=(8, 8), storage="png")
+    clips = _clips(((i, frame) for i in range(3)), [0, 2], cfg)
+    assert next(clips)[:2] == (0, [0, 1])
+    with pytest.raises(ValueError, match=r"the video ends before frame 3 \(clip 1\)"):
+        next(clips)
