@@ -173,7 +173,8 @@ def _pyav_frames(
 ) -> Generator[tuple[int, np.ndarray], None, None]:
     """Like `read_frames`, decoded with PyAV (every frame up to the last wanted one) and
     rotated upright (np.rot90 by the display-matrix angle). Shrinks of 2x or more are
-    scaled by FFmpeg while converting to RGB, bicubic as decord's (40% less CPU at 720p)."""
+    scaled by FFmpeg while converting to RGB, averaging areas as OpenCV's INTER_AREA would
+    (2.0 ms per 720p AV1 frame, against 3.6 for full-size RGB + OpenCV)."""
     import av
 
     size = None  # (width, height) of the frame as coded, before rotation
@@ -183,13 +184,16 @@ def _pyav_frames(
     targets = set(wanted)
     last = max(wanted)
     with av.open(path) as container:
-        for i, frame in enumerate(container.decode(video=0)):
+        stream = container.streams.video[0]
+        stream.thread_count = cfg.decoder_threads  # as decord's reader (0: FFmpeg's choice)
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
             if i in targets:
                 if size is None:
                     rgb = frame.to_ndarray(format="rgb24")
                 else:
                     rgb = frame.to_ndarray(
-                        format="rgb24", width=size[0], height=size[1], interpolation="BICUBIC"
+                        format="rgb24", width=size[0], height=size[1], interpolation="AREA"
                     )
                 yield i, np.rot90(rgb, k=info.rotation // 90)
             if i >= last:

@@ -281,7 +281,7 @@ def test_pyav_decoded_video_streams_its_frames(tmp_path, monkeypatch):
     rest = [lab for _, _, lab in clips]
     assert len(rest) == 9 and decoded == list(range(40))
     # 2.25x shrink: FFmpeg scaled the coded 128x72 frames to 57x32 before the rotation; the
-    # same as rotating full-size frames and shrinking them with OpenCV, but for the filters
+    # same as rotating full-size frames and shrinking them with OpenCV, but for rounding
     # (an upside-down frame would be off by about 60 levels on average).
     with av.open(path) as container:
         rgb = [np.rot90(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
