@@ -106,20 +106,28 @@ def frame_to_float16_lab(frame: np.ndarray, out: np.ndarray | None = None) -> np
     return out
 
 
+def frame_to_stored(
+    frame: np.ndarray, method: str = "float", dtype: str = "uint8", out: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) stored Lab of `dtype`: uint8 (`frame_to_stored_lab`
+    with `method`) or float16 (`frame_to_float16_lab`), written into `out` when given."""
+    if dtype == "float16":
+        return frame_to_float16_lab(frame, out)
+    if dtype != "uint8":
+        raise ValueError(f"stored Lab dtype {dtype!r}; choose 'uint8' or 'float16'")
+    return frame_to_stored_lab(frame, method, out)
+
+
 def rgb_to_stored_lab(
     frames: np.ndarray, method: str = "float", dtype: str = "uint8"
 ) -> np.ndarray:
-    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) stored Lab: uint8 (`frame_to_stored_lab`
-    with `method`) or float16 (`frame_to_float16_lab`)."""
+    """(T, H, W, 3) uint8 RGB -> (T, 3, H, W) stored Lab of `dtype` (`frame_to_stored`)."""
     T, H, W, _ = frames.shape
     if dtype not in ("uint8", "float16"):
         raise ValueError(f"stored Lab dtype {dtype!r}; choose 'uint8' or 'float16'")
     out = np.empty((T, 3, H, W), dtype)
     for t in range(T):
-        if dtype == "float16":
-            frame_to_float16_lab(frames[t], out[t])
-        else:
-            frame_to_stored_lab(frames[t], method, out[t])
+        frame_to_stored(frames[t], method, dtype, out[t])
     return out
 
 

@@ -44,8 +44,7 @@ from pipeline import storage
 from pipeline.codec import (
     decoder_scales,
     encode_clip,
-    frame_to_float16_lab,
-    frame_to_stored_lab,
+    frame_to_stored,
     resize_frame,
     scaled_size,
 )
@@ -152,20 +151,23 @@ def open_reader(path: str, height: int, width: int, cfg: IngestConfig) -> Any:
     centre crop of `resize_frame`."""
     import decord
 
-    kwargs = {}
-    if decoder_scales(height, width, cfg.size, cfg.resize):
-        sw, sh = scaled_size(height, width, cfg.size, cfg.resize)
-        kwargs = {"width": sw, "height": sh}
+    size = _decoder_size(height, width, cfg)
+    kwargs = {} if size is None else {"width": size[0], "height": size[1]}
     return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads, **kwargs)
+
+
+def _decoder_size(height: int, width: int, cfg: IngestConfig) -> tuple[int, int] | None:
+    """(width, height) FFmpeg scales a (height, width) frame to while decoding, or None when
+    the shrink is milder than 2x (`codec.decoder_scales`)."""
+    if not decoder_scales(height, width, cfg.size, cfg.resize):
+        return None
+    return scaled_size(height, width, cfg.size, cfg.resize)
 
 
 def _stored(frame: np.ndarray, cfg: IngestConfig, out: np.ndarray | None = None) -> np.ndarray:
     """Decoded (h, w, 3) RGB frame -> (3, H, W) stored Lab (uint8 or float16), written
     into `out` when given."""
-    frame = resize_frame(frame, cfg.size, cfg.resize)
-    if cfg.dtype == "float16":
-        return frame_to_float16_lab(frame, out)
-    return frame_to_stored_lab(frame, cfg.lab, out)
+    return frame_to_stored(resize_frame(frame, cfg.size, cfg.resize), cfg.lab, cfg.dtype, out)
 
 
 def _pyav_frames(
@@ -177,10 +179,9 @@ def _pyav_frames(
     (2.0 ms per 720p AV1 frame, against 3.6 for full-size RGB + OpenCV)."""
     import av
 
-    size = None  # (width, height) of the frame as coded, before rotation
-    if decoder_scales(info.height, info.width, cfg.size, cfg.resize):
-        w, h = scaled_size(info.height, info.width, cfg.size, cfg.resize)
-        size = (w, h) if info.rotation % 180 == 0 else (h, w)
+    size = _decoder_size(info.height, info.width, cfg)  # as displayed, after rotation
+    if size is not None and info.rotation % 180:
+        size = size[::-1]  # as coded, before rotation
     targets = set(wanted)
     last = max(wanted)
     with av.open(path) as container:
@@ -438,7 +439,7 @@ def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     limit = cfg.shard_mb * 1e6 if cfg.shard_mb > 0 else float("inf")
     videos: list[dict[str, Any]] = []
     results = (_ingest_video(url, cfg) for url in spec.videos)  # one video at a time
-    carry: list[tuple[dict[str, Any], list[tuple[str, bytes]]]] = []
+    carry: list[tuple[dict[str, Any], Members]] = []
     tars = [_write_tar(spec, 0, results, carry, limit, videos)]
     while carry:
         tars.append(_write_tar(spec, len(tars), results, carry, limit, videos))
