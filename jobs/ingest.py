@@ -33,7 +33,7 @@ from pipeline.distributor import run_shards
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ASSIGNMENT, assign
 from pipeline.summary import MANIFEST, build_manifest, summary_table, write_manifest
-from pipeline.worker import config_hash, shard_tars
+from pipeline.worker import accepted_hashes, config_hash, shard_tars
 
 log = logging.getLogger("jobs.ingest")
 
@@ -73,14 +73,14 @@ def clean(dst: str, *, everything: bool) -> None:
 def _read_done(shards: list[Any], cfg: IngestConfig) -> dict[int, dict[str, Any]]:
     names = set(storage.list_names(shards[0].output)) if shards else set()
     done = {}
-    expected = config_hash(cfg)
+    expected, accepted = config_hash(cfg), accepted_hashes(cfg)
     for spec in shards:
         if spec.stats_url.rsplit("/", 1)[-1] not in names:
             continue
         stats = json.loads(storage.read_text(spec.stats_url))
         if any(t["name"] not in names for t in shard_tars(spec, stats)):
             continue  # a tar was deleted after the shard was done: write the shard again
-        if stats.get("config_hash") != expected:
+        if stats.get("config_hash") not in accepted:
             raise ConfigError(
                 f"{spec.stats_url} was written with a different ingest config "
                 f"({stats.get('config_hash')} != {expected}); rerun with --overwrite or choose "

@@ -10,7 +10,9 @@ manifest.json (deterministic: the same inputs and config give the same bytes):
     incomplete_shards  {name: error} for shards that failed twice (absent from `shards`)
     clip_frames, frame_offsets, size, storage, dtype: what a sample holds (for readers of
                        the data; the loader needs only shards and samples_per_shard)
-    config, config_hash
+    config
+    config_hash        the hash the shard set was written with (its first shard's: a set
+                       an earlier version wrote keeps its hash, worker.accepted_hashes)
     content_hash       sha256 over config_hash and every tar's name and sha256: the data
                        lineage training logs
 """
@@ -43,7 +45,8 @@ def build_manifest(
     videos = [v for s in complete for v in stats[s.index]["videos"]]
     status = Counter(v["status"] for v in videos)
     lost = sum(len(s.videos) for s in shards if s.index not in stats)
-    content = hashlib.sha256(config_hash(cfg).encode())
+    chash = stats[complete[0].index]["config_hash"] if complete else config_hash(cfg)
+    content = hashlib.sha256(chash.encode())
     for t in tars:
         content.update(f"{t['name']}:{t['sha256']}\n".encode())
     return {
@@ -82,7 +85,7 @@ def build_manifest(
         "storage": cfg.storage,
         "dtype": cfg.dtype,
         "config": to_dict(cfg),
-        "config_hash": config_hash(cfg),
+        "config_hash": chash,
         "content_hash": content.hexdigest(),
     }
 

@@ -54,24 +54,37 @@ from pipeline.sharding import ShardSpec, shard_name, video_id
 log = logging.getLogger(__name__)
 
 
-def config_hash(cfg: IngestConfig) -> str:
-    """Hash of the fields that change shard content (not Ray/fan-out settings)."""
+def config_hash(cfg: IngestConfig, omit: tuple[str, ...] = ()) -> str:
+    """Hash of the fields that change shard content (not Ray/fan-out settings), less `omit`."""
     defaults = to_dict(IngestConfig())
     fields = {
         k: v
         for k, v in to_dict(cfg).items()
-        if k in CONTENT_FIELDS and not (k in LATER_FIELDS and v == defaults[k])
+        if k in CONTENT_FIELDS and k not in omit and not (k in LATER_FIELDS and v == defaults[k])
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def accepted_hashes(cfg: IngestConfig) -> set[str]:
+    """`config_hash(cfg)` and the hashes that shard sets of the same content were written
+    with before a field of HASHED_SINCE_ADDED existed (when those fields are at default)."""
+    default = IngestConfig()
+    older = tuple(k for k in HASHED_SINCE_ADDED if getattr(cfg, k) == getattr(default, k))
+    return {config_hash(cfg), config_hash(cfg, omit=older)} if older else {config_hash(cfg)}
 
 
 CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
     "size", "resize", "storage", "lab", "dtype", "quality", "videos_per_shard", "shard_mb",
 )  # fmt: skip
-# Content fields added after shard sets were written: hashed only when set off their default,
-# so the hash of those shard sets, and with it reruns and appends into them, stays valid.
+# Content fields added after shard sets were written. At its default such a field leaves the
+# content as it was, so those shard sets must stay valid (reruns skip their done shards,
+# appends extend them): a LATER_FIELDS field is hashed only when set off its default;
+# HASHED_SINCE_ADDED fields have been hashed at every value since they were added (shard_mb,
+# 943eb14), so shard sets written before then are recognised by `accepted_hashes`. A new
+# content field goes into LATER_FIELDS (tests/pipeline/test_reader_sharding.py pins hashes).
 LATER_FIELDS = ("dtype",)
+HASHED_SINCE_ADDED = ("shard_mb",)
 
 
 class SkipVideo(Exception):

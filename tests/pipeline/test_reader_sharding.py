@@ -1,15 +1,20 @@
-"""Input listing (directory, glob, .txt/.csv/.parquet), append-only shard plans, config checks."""
+"""Input listing (directory, glob, .txt/.csv/.parquet), append-only shard plans, config checks,
+config hashes that keep shard sets written by earlier versions valid."""
 
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 import pytest
 
-from jobs.config import ConfigError, from_dict, load_config
+from jobs.config import ConfigError, from_dict, load_config, replace
+from jobs.ingest import _read_done
 from pipeline.config import IngestConfig
 from pipeline.reader import InputError, list_videos
-from pipeline.sharding import assign, load_assignment, plan_shards
-from pipeline.worker import clip_starts
+from pipeline.sharding import ShardSpec, assign, load_assignment, plan_shards
+from pipeline.summary import build_manifest
+from pipeline.worker import accepted_hashes, clip_starts, config_hash
 
 EXT = ("mp4", "mov")
 
@@ -87,3 +92,32 @@ def test_config_validation_and_shipped_configs():
         cfg = load_config(IngestConfig, f"configs/ingest/{name}.yaml")
         assert cfg.span <= 15
     assert load_config(IngestConfig, "configs/ingest/demo.yaml", ["size=[64,64]"]).size == (64, 64)
+
+
+# The demo's shard set as written at 0c7a8fc, before shard_mb existed (its content fields).
+DEMO_0C7A8FC = {"frame_offsets": [0, 4, 8, 16, 18, 20, 21], "clips_per_video": 32,
+                "size": [128, 128], "storage": "jpeg", "lab": "uint8", "videos_per_shard": 1}  # fmt: skip
+
+
+def test_config_hashes_keep_shard_sets_already_written_valid(tmp_path):
+    # Pinned: a change here makes reruns refuse every shard set written so far. A new content
+    # field goes into worker.LATER_FIELDS (hashed only off its default), which keeps these.
+    assert config_hash(IngestConfig()) == "93e95ae2819813ef"
+    demo = from_dict(IngestConfig, DEMO_0C7A8FC)
+    assert config_hash(demo) == "e2c88d154355f80c"
+    # Shard sets written before shard_mb was hashed: the hash a real one (0c7a8fc) recorded.
+    assert accepted_hashes(demo) == {"e2c88d154355f80c", "91a72e6365899f78"}
+    split = replace(demo, shard_mb=5)  # content no earlier version could write
+    assert accepted_hashes(split) == {config_hash(split)}
+    # A rerun takes a done shard of either hash as done, and refuses any other config.
+    spec = ShardSpec(0, ("v.mp4",), str(tmp_path))
+    (tmp_path / spec.name).write_bytes(b"")
+    for recorded in ("91a72e6365899f78", "e2c88d154355f80c"):
+        stats = {"config_hash": recorded, "num_samples": 0, "num_frames": 0, "bytes": 0,
+                 "sha256": "", "videos": []}  # fmt: skip
+        (tmp_path / "shard-000000.stats.json").write_text(json.dumps(stats))
+        assert _read_done([spec], demo) == {0: stats}
+        # The manifest keeps the set's hash, so its content hash (the lineage) stays too.
+        assert build_manifest([spec], {0: stats}, {}, demo)["config_hash"] == recorded
+    with pytest.raises(ConfigError, match="different ingest config.*--overwrite"):
+        _read_done([spec], replace(demo, quality=90))
