@@ -11,7 +11,8 @@ the allowed keys), the data (missing/empty manifest, unreadable shards are recor
 skipped), the tracking store (reachable, writable) and any checkpoint to resume or start
 from (same model config). Each stage is a Ray Train run named `<run_name>-<stage>` under
 `storage_path`; rerunning the same command resumes it from its latest checkpoint, and a
-stage that already finished (`stage_done.json`) is skipped. Each stage starts from the
+stage that already finished (`stage_done.json`) is skipped, both only on the data the stage
+started on (`stage_data.json`: the manifest's content hash). Each stage starts from the
 previous stage's final checkpoint and ends with a registered model version and the alias
 `<stage>-latest`.
 """
@@ -50,6 +51,7 @@ from pipeline.storage import atomic_write_bytes
 
 log = logging.getLogger("jobs.train")
 DONE_FILE = "stage_done.json"
+DATA_FILE = "stage_data.json"  # the data a stage trains on, written when it starts
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +160,25 @@ def describe_data(data: str) -> DataInfo:
 
 def _stage_dir(cfg: TrainConfig, run_name: str) -> Path:
     return Path(cfg.storage_path) / f"{run_name}-{cfg.stage}"
+
+
+def check_same_data(cfgs: list[TrainConfig], run_name: str, data: DataInfo) -> None:
+    """Refuse to resume, or to skip as finished, a stage of `run_name` that started on other
+    data: its checkpoints and registered model say which data they learnt from."""
+    for cfg in cfgs:
+        path = _stage_dir(cfg, run_name) / DATA_FILE
+        if not path.exists():
+            continue
+        recorded = json.loads(path.read_text())
+        if recorded["data_hash"] != data.content_hash:
+            latest = _latest_checkpoint(path.parent)
+            raise ConfigError(
+                f"run {run_name!r} stage {cfg.stage} started on data {recorded['data']} "
+                f"(content hash {recorded['data_hash'][:12]}, {path}), not on --data "
+                f"{data.uri} ({data.content_hash[:12]}): give that data to resume it, or a new "
+                "--run-name to train on this data"
+                + (f" (checkpoint.init_from={latest} starts from its weights)" if latest else "")
+            )
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
@@ -285,6 +306,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     uri = resolve_tracking_uri(first.mlflow.tracking_uri)
     check_reachable(uri)
     run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")
+    check_same_data(cfgs, run_name, data)
     runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
     for c in cfgs:
         log_dataset(uri, runs.child_run_ids[c.stage], data.uri, data.content_hash, data.num_samples)
@@ -308,6 +330,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=previous)
             )
         preflight_checkpoints(cfg, run_dir, uri)
+        if not (run_dir / DATA_FILE).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record = {"data": data.uri, "data_hash": data.content_hash}
+            atomic_write_bytes(str(run_dir / DATA_FILE), json.dumps(record).encode())
         child = runs.child_run_ids[cfg.stage]
         log.info(
             "stage %s: %d steps on %d workers -> %s",

@@ -181,6 +181,11 @@ def test_interrupted_run_resumes_with_same_name(tmp_path, train_shards):
         main(args)
     stage_dir = tmp_path / "ray" / "r-pretrain"
     assert sorted(p.name for p in stage_dir.glob("checkpoint_*")) == ["checkpoint_00000002"]
+    # Other data under the same run name is refused, before any run or dataset is logged.
+    other = sorted(train_shards.parent.glob("shard-*.tar"))[0]
+    refused = "started on data .* new --run-name .*init_from=.*checkpoint_00000002"
+    with pytest.raises(ConfigError, match=refused):
+        main(_args(tmp_path, other, "schedule.steps=6", run="r"))
     out = main(args)  # same command: continues from step 2
     assert out["pretrain"]["checkpoint"].endswith("checkpoint_00000006")
     client, runs = _runs(tmp_path, "r")
@@ -189,6 +194,9 @@ def test_interrupted_run_resumes_with_same_name(tmp_path, train_shards):
     assert child.data.metrics["resumed_from_step"] == 2 and child.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
     assert sorted(set(steps)) == [2, 4, 6]
+    with pytest.raises(ConfigError, match="started on data"):  # nor skipped as finished
+        main(_args(tmp_path, other, "schedule.steps=6", run="r"))
+    assert len(_runs(tmp_path, "r")[1]) == 2
 
     # Resuming with another model config is refused before training starts.
     (stage_dir / "stage_done.json").unlink()
