@@ -5,6 +5,7 @@ edge-case videos generated with PyAV (grayscale, rotated, odd size, large, too s
 from __future__ import annotations
 
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -41,8 +42,10 @@ def write_video(
     left_red: bool = False,
     fps: int = 25,
     codec: str = "libx264",
+    sar: tuple[int, int] | None = None,
 ) -> Path:
-    """Encode a small video with PyAV (H.264 by default; the container from the suffix)."""
+    """Encode a small video with PyAV (H.264 by default; the container from the suffix);
+    `sar`: the sample aspect ratio (pixel width : height) the stream declares."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
@@ -52,6 +55,8 @@ def write_video(
             stream.options = {"preset": "ultrafast", "crf": "18"}
         if rotation:
             stream.set_display_rotation(rotation)
+        if sar:
+            stream.codec_context.sample_aspect_ratio = Fraction(*sar)
         for t in range(frames):
             img = pattern(t, height, width)
             if left_red:

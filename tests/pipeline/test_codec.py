@@ -3,6 +3,9 @@ codecs: exact for png/raw, bounded error for jpeg, corrupt data raises ClipDecod
 
 from __future__ import annotations
 
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -145,8 +148,8 @@ def test_probe_and_clips_in_every_container(tmp_path, name, codec):
 
     rotation = 180 if name.startswith("r") else 0
     path = str(write_video(tmp_path / name, 9, 48, 64, codec=codec, rotation=rotation))
-    rot, h, w, info = _probe(path)
-    assert (rot, h, w) == (rotation, 48, 64)
+    rot, h, w, info, anamorphic = _probe(path)
+    assert (rot, h, w, anamorphic) == (rotation, 48, 64, False)
     assert _probe_with(path, _FAST_PROBE, with_info=False)[:3] == (rot, h, w)
     assert (info is None) == (rotation == 0)  # rotated videos get full info from PyAV
     cfg = IngestConfig(clip_len=3, frame_step=2, size=(32, 32), storage="png")
@@ -288,6 +291,37 @@ def test_pyav_decoded_video_streams_its_frames(tmp_path, monkeypatch):
     want = [frame_to_stored_lab(resize_frame(f, (32, 32), "crop"), "float") for f in rgb[4:]]
     diff = np.abs(np.concatenate(rest).astype(int) - np.stack(want))
     assert diff.mean() < 4
+
+
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_anamorphic_video_is_stored_as_shown(tmp_path, rotation):
+    # Pixels twice as wide as tall (SAR 2:1, as DV or DVD sources have): a player shows the
+    # coded 96x64 as 192x64, and so must the clips, decoded by decord (or, rotated, by PyAV):
+    # FFmpeg scales to square pixels while decoding. Kept at the coded aspect, the 32x32
+    # centre crop would hold twice the width of the picture (about 10 levels off on average).
+    import av
+    import cv2
+    from ingest_media import write_video
+
+    from pipeline.codec import frame_to_stored_lab
+    from pipeline.config import IngestConfig
+
+    path = str(write_video(tmp_path / "sar.mp4", 12, 64, 96, sar=(2, 1), rotation=rotation))
+    cfg = IngestConfig(clip_len=3, frame_step=2, clips_per_video=2, size=(32, 32), storage="raw")
+    entry, members = _ingest_one(path, cfg)
+    shown = [64, 192] if rotation == 0 else [192, 64]
+    assert (entry["status"], entry["size"], entry["anamorphic"]) == ("ok", shown, True)
+    assert entry.get("decoder", "decord") == ("decord" if rotation == 0 else "pyav")
+    got = np.stack([np.load(io.BytesIO(d)) for name, d in members if name.endswith(".npy")])
+    with av.open(path) as container:
+        rgb = [cv2.resize(f.to_ndarray(format="rgb24"), (192, 64), interpolation=cv2.INTER_CUBIC)
+               for f in container.decode(video=0)]  # fmt: skip
+    rgb = [np.rot90(f, k=rotation // 90) for f in rgb]
+    starts = [json.loads(d)["frame_indices"] for name, d in members if name.endswith(".json")]
+    want = np.stack([[frame_to_stored_lab(resize_frame(rgb[i], (32, 32), "crop"), cfg.lab)
+                      for i in idx] for idx in starts])  # fmt: skip
+    assert got.shape == want.shape == (2, 3, 3, 32, 32)
+    assert np.abs(got.astype(int) - want).mean() < 3
 
 
 def test_truncated_video_keeps_the_clips_before_the_cut(tmp_path):

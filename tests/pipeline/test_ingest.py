@@ -7,6 +7,7 @@ import json
 import os
 import tarfile
 
+import av
 import decord
 import numpy as np
 import pytest
@@ -115,7 +116,10 @@ def test_lab_matches_independent_conversion_and_metadata(ingested):
             start = clip_starts(n, cfg)[ci]
             assert key.endswith(f"_c{ci:04d}")
             assert record["frame_indices"] == [start, start + 2, start + 4]
-            assert record["original_size"] == list(reader[0].shape[:2])
+            with av.open(str(path)) as container:  # pixel shape: a player shows h x w * sar
+                sar = container.streams.video[0].sample_aspect_ratio or 1
+            h0, w0 = reader[0].shape[:2]
+            assert record["original_size"] == [h0, round(w0 * sar)]
             assert record["fps"] == pytest.approx(reader.get_avg_fps())
             assert lab.shape == (3, 3, 64, 64) and lab.dtype == np.uint8
             h, w = record["original_size"]
@@ -131,7 +135,9 @@ def test_lab_matches_independent_conversion_and_metadata(ingested):
             diff = np.abs(ref.astype(int) - lab.astype(int))
             assert diff.max() <= 1, (name, diff.max())  # png: quantisation rounding only
         del reader
-    assert by_source["carphone.mp4"][0][1]["original_size"] == [144, 176]
+    # carphone is QCIF, coded 176x144 with pixels 128:117 (as FFmpeg reads its H.264 header):
+    # shown 193x144, about 4:3, by players and in the clips.
+    assert by_source["carphone.mp4"][0][1]["original_size"] == [144, 193]
     assert by_source["large.mp4"][0][1]["original_size"] == [1440, 2560]
     # Grayscale: R = G = B -> a = b = 128 (neutral), L varies.
     for _, _, lab in by_source["gray.mp4"]:
