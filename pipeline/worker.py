@@ -157,7 +157,9 @@ def _probe_with(path: str, options: dict[str, str], with_info: bool) -> Probe:
         if first is None:
             raise ValueError("video stream has no decodable frame")
         rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
-        sar = stream.sample_aspect_ratio  # FFmpeg's guess from container and codec; None: 1
+        # FFmpeg's guess from the container and codec parameters, else what the decoder read
+        # from the bitstream (an H.264 SPS) while decoding the first frame; None: square.
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
         width = max(1, round(first.width * sar)) if sar else first.width
         anamorphic = width != first.width
         if not with_info:
