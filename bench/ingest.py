@@ -66,14 +66,15 @@ def decode_limit(
     `naive`: decoded to full-size RGB, then resized with OpenCV (no scaling in FFmpeg)."""
     cv2.setNumThreads(1)
     reuse_freed_buffers()  # as the worker does (it makes no difference to decoding)
-    sizes = {path: _probe(str(path))[1:3] for path in videos}  # not timed: the worker probes
+    probes = {path: _probe(str(path)) for path in videos}  # not timed: the worker probes
     frames = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     for path in videos:
         if naive:
             reader = decord.VideoReader(str(path), num_threads=cfg.decoder_threads)
         else:
-            reader = open_reader(str(path), *sizes[path], cfg)
+            p = probes[path]
+            reader = open_reader(str(path), p.height, p.width, cfg, p.anamorphic)
         starts = clip_starts(len(reader), cfg)
         wanted = sorted({s + o for s in starts for o in cfg.offsets})
         for _, frame in read_frames(reader, wanted):

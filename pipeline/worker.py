@@ -159,8 +159,9 @@ def _probe_with(path: str, options: dict[str, str], with_info: bool) -> Probe:
         rotation = int(round(getattr(first, "rotation", 0) or 0)) % 360
         # FFmpeg's guess from the container and codec parameters, else what the decoder read
         # from the bitstream (an H.264 SPS) while decoding the first frame; None: square.
+        # Real pixel shapes lie within 1:4..4:1; beyond, the header is wrong: kept as coded.
         sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
-        width = max(1, round(first.width * sar)) if sar else first.width
+        width = max(1, round(first.width * sar)) if sar and 0.25 <= sar <= 4 else first.width
         anamorphic = width != first.width
         if not with_info:
             return Probe(rotation, first.height, width, None, anamorphic)
