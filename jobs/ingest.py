@@ -13,7 +13,8 @@ Resumable and deterministic: DST/assignment.json fixes which videos go to which 
 shard with a stats file is done and skipped; a rerun finishes the rest; new input videos
 become new shards; `--overwrite` deletes this job's files in DST and starts over. At the end
 DST/manifest.json is (re)written and a summary table printed. Exit code 0 when every shard
-is complete (broken videos are accounted, not errors), 2 when some shard failed twice.
+is complete (broken videos are accounted, not errors), 2 when some shard failed twice, 1 on
+bad input or config, or when no video gave a clip.
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ def _is_ours(name: str) -> bool:
     )
 
 
+def _outside(videos: list[str], dst: str) -> list[str]:
+    """The videos not under DST: a glob over SRC that holds DST would take this job's own
+    files (tars, stats) for videos."""
+    under = (os.path.abspath(dst) if storage.is_local(dst) else dst).rstrip("/") + "/"
+    keep = [
+        v
+        for v in videos
+        if not (os.path.abspath(v) if storage.is_local(v) else v).startswith(under)
+    ]
+    if len(keep) < len(videos):
+        log.warning("ignored %d input files under the output %s", len(videos) - len(keep), dst)
+    return keep
+
+
 def clean(dst: str, *, everything: bool) -> None:
     """Remove temporary leftovers of killed runs; with `everything`, all of this job's files."""
     for name in storage.list_names(dst):
@@ -71,15 +86,26 @@ def clean(dst: str, *, everything: bool) -> None:
 
 
 def _read_done(shards: list[Any], cfg: IngestConfig) -> dict[int, dict[str, Any]]:
-    names = set(storage.list_names(shards[0].output)) if shards else set()
+    sizes = storage.list_sizes(shards[0].output) if shards else {}
     done = {}
     expected, accepted = config_hash(cfg), accepted_hashes(cfg)
     for spec in shards:
-        if spec.stats_url.rsplit("/", 1)[-1] not in names:
+        if spec.stats_url.rsplit("/", 1)[-1] not in sizes:
             continue
         stats = json.loads(storage.read_text(spec.stats_url))
-        if any(t["name"] not in names for t in shard_tars(spec, stats)):
-            continue  # a tar was deleted after the shard was done: write the shard again
+        # A tar deleted, truncated or replaced after the shard was done: write the shard
+        # again (the same bytes). Sizes are what can be checked without reading every tar.
+        damaged = [t for t in shard_tars(spec, stats) if sizes.get(t["name"]) != t["bytes"]]
+        if damaged:
+            t = damaged[0]
+            log.warning(
+                "%s is %s, its stats say %d bytes: writing shard %d again",
+                storage.join(spec.output, t["name"]),
+                f"{sizes[t['name']]} bytes" if t["name"] in sizes else "missing",
+                t["bytes"],
+                spec.index,
+            )
+            continue
         if stats.get("config_hash") not in accepted:
             raise ConfigError(
                 f"{spec.stats_url} was written with a different ingest config "
@@ -104,6 +130,7 @@ def ingest(
     start = time.perf_counter()
     if videos is None:
         videos = list_videos(src, cfg.extensions)
+    videos = _outside(videos, dst)
     storage.makedirs(dst)
     clean(dst, everything=overwrite)
     shards = assign(videos, dst, cfg.videos_per_shard)
@@ -125,10 +152,33 @@ def ingest(
     return manifest
 
 
+def check_output(dst: str) -> None:
+    """DST must be a directory (created when missing), not a file."""
+    fs, path = storage.get_fs(dst)
+    if fs.isfile(path):
+        raise InputError(f"--output {dst} is a file; give a directory for the shards")
+
+
+def check_task_cpus(cfg: IngestConfig, may_grow: bool) -> None:
+    """A task no node can hold waits forever, and Ray says so only in its own logs: refused
+    on the local instance this job started; on a joined cluster (`may_grow`: it may
+    autoscale) a warning."""
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if cfg.task_cpus <= largest:
+        return
+    message = f"task_cpus={cfg.task_cpus:g} but the largest Ray node has {largest:g} CPUs"
+    if not may_grow:  # the local instance this job started: no node will join it
+        raise ConfigError(f"{message}; set task_cpus <= {largest:g}")
+    log.warning("%s: tasks wait until a node that large joins the cluster", message)
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(IngestConfig, args.config, args.overrides)
+        check_output(args.output)
         videos = list_videos(args.input, cfg.extensions)  # bad input fails before Ray starts
     except (ConfigError, InputError) as e:
         log.error("%s", e)
@@ -140,6 +190,7 @@ def main(args: argparse.Namespace) -> int:
         local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
         ray.init(log_to_driver=False, **local)
     try:
+        check_task_cpus(cfg, may_grow=bool(os.environ.get("RAY_ADDRESS")))
         manifest = ingest(
             args.input, args.output, cfg, overwrite=args.overwrite,
             progress=not args.no_progress, videos=videos,
@@ -151,7 +202,12 @@ def main(args: argparse.Namespace) -> int:
     manifest = {k: v for k, v in manifest.items() if not k.startswith("_")}
     print(summary_table(manifest, seconds))
     print(f"manifest: {storage.join(args.output, MANIFEST)}")
-    return 2 if manifest["incomplete_shards"] else 0
+    if manifest["incomplete_shards"]:
+        return 2
+    if not manifest["num_samples"]:
+        log.error("no video gave a clip (manifest 'problems' says why for each)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -86,8 +86,8 @@ class IngestConfig:
                 )
         positive(self.clips_per_video, "clips_per_video", allow_zero=True)
         positive(self.clip_stride, "clip_stride", allow_zero=True)
-        if len(self.size) != 2 or min(self.size) < 8:
-            raise ConfigError(f"size={list(self.size)} must be [height, width], each >= 8")
+        if len(self.size) != 2 or not 8 <= min(self.size) <= max(self.size) <= 8192:
+            raise ConfigError(f"size={list(self.size)} must be [height, width], each 8..8192")
         if self.dtype == "float16" and (self.storage != "raw" or self.lab != "float"):
             raise ConfigError(
                 f"dtype=float16 (storage={self.storage}, lab={self.lab}): float16 Lab is "

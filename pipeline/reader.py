@@ -3,10 +3,14 @@
 SRC is one of (local path or fsspec URL):
 - a directory: searched recursively, files whose extension is in `IngestConfig.extensions`
   (the count of other files is logged, never silently dropped);
-- a glob (`/data/**/*.mp4`, `s3://bucket/videos/*.mp4`): every match;
-- a list file: `.txt` (one path per line, `#` comments), `.csv` or `.parquet` with a `path`
+- a glob (`/data/**/*.mp4`, `s3://bucket/videos/*.mp4`): every match (a path that exists
+  is taken literally, even with `[`, `*` or `?` in its name);
+- a list file: `.txt` (one path per line, `#` comments; UTF-8, a byte-order mark is ignored,
+  other bytes are kept as the file names they are), `.csv` or `.parquet` with a `path`
   column. Relative entries are resolved against the list file's directory. Entries are taken
   as given: a missing file is reported by the worker as a failed video, not dropped here.
+Local paths come out absolute and normalised, so a video is the same video whatever the
+working directory of the run (its path is its identity: sample keys, shard assignment).
 """
 
 from __future__ import annotations
@@ -35,13 +39,11 @@ def _is_glob(text: str) -> bool:
 
 def _resolve(entry: str, base: str) -> str:
     entry = entry.strip()
-    if "://" in entry or entry.startswith("/"):
+    if "://" in entry and not entry.startswith("file://"):
         return entry
-    return (
-        posixpath.normpath(storage.join(base, entry))
-        if storage.is_local(base)
-        else (storage.join(base, entry))
-    )
+    if storage.is_local(base) or entry.startswith(("/", "file://")):
+        return os.path.abspath(os.path.join(base, storage.strip_file(entry)))
+    return storage.join(base, entry)
 
 
 def _read_list(src: str) -> list[str]:
@@ -49,7 +51,8 @@ def _read_list(src: str) -> list[str]:
     base = posixpath.dirname(storage.strip_file(src)) or "."
     suffix = os.path.splitext(src)[1].lower()
     if suffix == ".txt":
-        lines = data.decode("utf-8").splitlines()
+        # Not UTF-8: the bytes become the same surrogates os.fsdecode gives file names.
+        lines = data.decode("utf-8-sig", "surrogateescape").splitlines()
         entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     else:
         import pandas as pd
@@ -70,7 +73,7 @@ def list_videos(src: str, extensions: tuple[str, ...]) -> list[str]:
     """Sorted unique video URLs named by SRC (see module docstring)."""
     exts = {"." + e.lower().lstrip(".") for e in extensions}
     fs, path = storage.get_fs(src)
-    if _is_glob(path):
+    if _is_glob(path) and not fs.exists(path):
         found = [storage.to_url(fs, p) for p in fs.glob(path) if fs.isfile(p)]
     elif src.lower().endswith(LIST_SUFFIXES) and fs.isfile(path):
         found = _read_list(src)
@@ -83,7 +86,7 @@ def list_videos(src: str, extensions: tuple[str, ...]) -> list[str]:
                 "ignored %d files under %s without a video extension %s", ignored, src, sorted(exts)
             )
     elif fs.isfile(path):
-        found = [src]
+        found = [storage.to_url(fs, path)]
     else:
         raise InputError(
             f"input {src!r} does not exist; pass a directory, a glob, a single video or a "

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 
 from pipeline import storage
 
@@ -34,7 +35,9 @@ def stats_name(index: int) -> str:
 
 def video_id(url: str) -> str:
     """A stable 16-hex-digit id of a video URL: the first part of its sample keys."""
-    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 (os.fsdecode's surrogates) hashes as
+    # its bytes instead of failing the whole shard.
+    return hashlib.sha1(url.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +60,17 @@ class ShardSpec:
         return storage.join(self.output, stats_name(self.index))
 
 
+def _key(video: str) -> str:
+    """How a recorded video is matched with the input: the input's local paths are absolute
+    (pipeline.reader), and a path an earlier version recorded relative to the directory it
+    ran in matches its absolute form from that directory."""
+    return os.path.abspath(video) if storage.is_local(video) else video
+
+
 def plan_shards(videos: list[str], existing: list[list[str]], per_shard: int) -> list[list[str]]:
     """Keep `existing` shards as they are and pack the videos they lack into new shards."""
-    assigned = {v for shard in existing for v in shard}
-    new = sorted(v for v in set(videos) if v not in assigned)
+    assigned = {_key(v) for shard in existing for v in shard}
+    new = sorted(v for v in set(videos) if _key(v) not in assigned)
     shards = [list(s) for s in existing]
     for start in range(0, len(new), per_shard):
         shards.append(new[start : start + per_shard])
@@ -78,7 +88,8 @@ def load_assignment(dst: str) -> list[list[str]]:
 def assign(videos: list[str], dst: str, per_shard: int) -> list[ShardSpec]:
     """The shard plan for DST: the recorded one, extended by new videos (written atomically)."""
     existing = load_assignment(dst)
-    missing = {v for s in existing for v in s} - set(videos)
+    given = {_key(v) for v in videos}
+    missing = {v for s in existing for v in s if _key(v) not in given}
     if missing:
         log.warning(
             "%d videos recorded in %s are no longer in the input (kept in their shards), e.g. %s",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 import fsspec
+from fsspec.implementations.local import make_path_posix
 
 TMP_MARK = ".tmp-"
 
@@ -29,9 +30,11 @@ def strip_file(url: str) -> str:
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for a local path or URL."""
-    fs, path = fsspec.core.url_to_fs(strip_file(url))
-    return fs, path
+    """(filesystem, path inside it) for a local path or URL. A local path is taken
+    literally, absolute: fsspec's URL parsing would cut a file name at "::" (chained URLs)."""
+    if is_local(url):
+        return fsspec.filesystem("file"), make_path_posix(os.path.abspath(strip_file(url)))
+    return fsspec.core.url_to_fs(url)
 
 
 def join(base: str, name: str) -> str:
@@ -119,13 +122,19 @@ def local_copy(url: str) -> Iterator[str]:
 
 def list_names(url: str) -> list[str]:
     """Names of the files directly under a directory URL ([] when it does not exist)."""
+    return sorted(list_sizes(url))
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """{name: size in bytes} of the files directly under a directory URL ({} when it does
+    not exist)."""
     fs, path = get_fs(url)
     fs.invalidate_cache(path)
     try:
-        entries = fs.ls(path, detail=False)
+        entries = fs.ls(path, detail=True)
     except FileNotFoundError:
-        return []
-    return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+        return {}
+    return {os.path.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries}
 
 
 def remove(url: str) -> None:

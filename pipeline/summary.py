@@ -6,7 +6,8 @@ manifest.json (deterministic: the same inputs and config give the same bytes):
     samples_per_shard  clips in each tar
     num_samples, num_frames, num_shards (tars), bytes
     videos             {"total", "ok", "skipped", "failed"} over every input video
-    problems           [{"path", "status", "message"}] for every skipped or failed video
+    problems           [{"path", "status", "message"}] for every skipped or failed video,
+                       and every "ok" one that stopped early (its message says where)
     incomplete_shards  {name: error} for shards that failed twice (absent from `shards`)
     clip_frames, frame_offsets, size, storage, dtype: what a sample holds (for readers of
                        the data; the loader needs only shards and samples_per_shard)
@@ -66,7 +67,7 @@ def build_manifest(
         "problems": [
             {"path": v["path"], "status": v["status"], "message": v["message"]}
             for v in videos
-            if v["status"] != "ok"
+            if v["status"] != "ok" or v["message"]
         ]
         + [
             {
@@ -101,10 +102,13 @@ def summary_table(
     manifest: dict[str, Any], seconds: float | None = None, max_rows: int = 20
 ) -> str:
     v = manifest["videos"]
+    stopped = sum(p["status"] == "ok" for p in manifest["problems"])
+    early = f" ({stopped} stopped early)" if stopped else ""
     lines = [
         "ingest summary",
         f"  shards      {manifest['num_shards']:>10}   incomplete {len(manifest['incomplete_shards'])}",
-        f"  videos      {v['total']:>10}   ok {v['ok']}  skipped {v['skipped']}  failed {v['failed']}",
+        f"  videos      {v['total']:>10}   ok {v['ok']}{early}  skipped {v['skipped']}  "
+        f"failed {v['failed']}",
         f"  clips       {manifest['num_samples']:>10}   frames {manifest['num_frames']}",
         f"  bytes       {manifest['bytes']:>10}   "
         f"per frame {manifest['bytes'] / max(manifest['num_frames'], 1):.0f}",
@@ -116,7 +120,8 @@ def summary_table(
     if problems:
         lines.append(f"  {'status':<8} {'video':<50} message")
         for p in problems[:max_rows]:
-            lines.append(f"  {p['status']:<8} {p['path'][-50:]:<50} {p['message'][:100]}")
+            path = p["path"].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            lines.append(f"  {p['status']:<8} {path[-50:]:<50} {p['message'][:100]}")
         if len(problems) > max_rows:
             lines.append(f"  ... {len(problems) - max_rows} more in manifest.json 'problems'")
     for name, err in manifest["incomplete_shards"].items():

@@ -247,7 +247,8 @@ def video_clips(
     if info is None:
         try:
             reader = open_reader(path, probe.height, probe.width, cfg, probe.anamorphic)
-        except (decord.DECORDError, RuntimeError):  # PyAV decoded a frame: it can go on
+        except (decord.DECORDError, RuntimeError, UnicodeEncodeError):
+            # PyAV decoded a frame, it can go on (decord cannot even take a non-UTF-8 path)
             info = _probe_with(path, {}, with_info=True).info
     if reader is not None:
         fps = float(reader.get_avg_fps())

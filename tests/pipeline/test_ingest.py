@@ -4,8 +4,10 @@ Lab values against the independent conversion in model.colour, metadata, resume 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
+from pathlib import Path
 
 import av
 import decord
@@ -349,3 +351,30 @@ def test_task_over_its_timeout_is_cancelled_retried_and_reported(ray_local, tmp_
     assert manifest["incomplete_shards"] == {"shard-000000.tar": "timed out after 0.1s"}
     assert manifest["problems"] == [{"path": str(src / "slow.mp4"), "status": "failed",
                                      "message": "shard-000000.tar incomplete: timed out after 0.1s"}]  # fmt: skip
+
+
+def test_odd_names_damaged_tars_and_output_inside_the_input(ray_local, tmp_path, caplog):
+    # A file name that is not UTF-8 is one video like any other (it used to fail its whole
+    # shard, good videos with it); a glob over a directory holding DST does not take this
+    # job's tars for videos on the rerun; a tar truncated after its shard was done is
+    # written again, byte for byte, instead of counting as done.
+    from ingest_media import write_video
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_video(src / "a.mp4", 8, 32, 32)
+    odd = os.fsdecode(bytes(src) + b"/caf\xe9 [1].mp4")  # latin-1 name, glob characters
+    write_video(Path(odd), 8, 32, 32)
+    cfg = from_dict(IngestConfig, {**CFG, "videos_per_shard": 2})
+    dst = src / "out"
+    first = ingest(f"{src}/**", str(dst), cfg, progress=False)
+    assert first["videos"] == {"total": 2, "ok": 2, "skipped": 0, "failed": 0}
+    assert first["num_shards"] == 1 and first["num_samples"] == 4
+    before = _tree(dst)
+    with open(dst / "shard-000000.tar", "r+b") as f:
+        f.truncate(5000)
+    with caplog.at_level(logging.WARNING):
+        again = ingest(f"{src}/**", str(dst), cfg, progress=False)
+    assert "ignored 4 input files under the output" in caplog.text
+    assert "shard-000000.tar is 5000 bytes, its stats say" in caplog.text
+    assert again["num_shards"] == 1 and _tree(dst) == before

@@ -34,3 +34,29 @@ def test_help_lists_config_keys_with_defaults(capsys):
     text = capsys.readouterr().out
     for line in ("clip_len = 2", "frame_offsets = ()", "storage = 'jpeg'", "max_in_flight = 0"):
         assert line in text
+
+
+def test_output_that_is_a_file_fails_fast(tmp_path, caplog):
+    (tmp_path / "f").write_text("x")
+    with caplog.at_level(logging.ERROR):
+        assert main(parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "f")])) == 1
+    assert f"--output {tmp_path / 'f'} is a file; give a directory" in caplog.text
+
+
+@pytest.mark.ray
+def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, caplog):
+    # task_cpus above every node's CPUs used to wait forever (Ray's warning went to its
+    # worker logs); a run where no video gave a clip exited 0.
+    import ray
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.mp4").write_text("not a video\n")
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert main(parse_args([*args, "task_cpus=64"])) == 1
+            assert "task_cpus=64 but the largest Ray node has" in caplog.text
+            assert main(parse_args(args)) == 1
+        assert "no video gave a clip" in caplog.text
+    finally:
+        ray.shutdown()

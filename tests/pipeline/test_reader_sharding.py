@@ -4,6 +4,7 @@ config hashes that keep shard sets written by earlier versions valid."""
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -13,7 +14,7 @@ from jobs.ingest import _read_done
 from pipeline.config import IngestConfig
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ShardSpec, assign, load_assignment, plan_shards
-from pipeline.summary import build_manifest
+from pipeline.summary import build_manifest, summary_table
 from pipeline.worker import accepted_hashes, clip_starts, config_hash
 
 EXT = ("mp4", "mov")
@@ -48,6 +49,27 @@ def test_list_files_resolve_relative_and_deduplicate(tree):
         list_videos(str(tree / "bad.csv"), EXT)
 
 
+def test_paths_are_absolute_literal_and_kept_byte_for_byte(tree, monkeypatch):
+    # Relative inputs come out absolute, whatever the working directory (a video's path is
+    # its identity); names with "::", "[...]" or bytes that are not UTF-8 are taken as they
+    # are; a .txt list with a byte-order mark, CRLF lines and a latin-1 name reads as meant.
+    monkeypatch.chdir(tree)
+    d = str(tree / "a")
+    assert list_videos("a/x.mp4", EXT) == [f"{d}/x.mp4"]
+    assert list_videos("./a/b/../x.mp4", EXT) == [f"{d}/x.mp4"]
+    for name in ("colon::x.mp4", "vids[2024].mp4"):
+        (tree / name).write_bytes(b"0")
+        assert list_videos(name, EXT) == [f"{tree}/{name}"]
+    (tree / "d[1]").mkdir()
+    (tree / "d[1]" / "v.mp4").write_bytes(b"0")
+    assert list_videos("d[1]", EXT) == [f"{tree}/d[1]/v.mp4"]
+    latin1 = os.fsdecode(b"caf\xe9.mp4")
+    (tree / latin1).write_bytes(b"0")
+    (tree / "l.txt").write_bytes(b"\xef\xbb\xbfa/x.mp4\r\n" + bytes(tree) + b"/caf\xe9.mp4\r\n")
+    assert list_videos("l.txt", EXT) == [f"{tree}/a/x.mp4", f"{tree}/{latin1}"]
+    assert os.path.isfile(list_videos("l.txt", EXT)[1])
+
+
 def test_shard_plan_is_deterministic_and_append_only(tmp_path):
     videos = [f"v{i}" for i in (5, 1, 3, 2, 4)]
     plan = plan_shards(videos, [], 2)
@@ -59,6 +81,18 @@ def test_shard_plan_is_deterministic_and_append_only(tmp_path):
     assert load_assignment(str(tmp_path)) == plan
     again = assign(videos + ["v0"], str(tmp_path), 2)
     assert [list(s.videos) for s in again] == plan + [["v0"]]
+
+
+def test_relative_paths_recorded_by_earlier_versions_match_absolute_input(tmp_path, monkeypatch):
+    # Earlier versions recorded list entries relative to the run's working directory; the
+    # input is absolute now: the same videos, so no new shards (duplicates) on a rerun.
+    monkeypatch.chdir(tmp_path)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    old = {"videos_per_shard": 2, "shards": [["in/v1.mp4", "in/v2.mp4"]]}
+    (dst / "assignment.json").write_text(json.dumps(old))
+    specs = assign([f"{tmp_path}/in/v2.mp4", f"{tmp_path}/in/v1.mp4"], str(dst), 2)
+    assert [list(s.videos) for s in specs] == old["shards"]  # recorded as they were
 
 
 def test_clip_starts():
@@ -82,6 +116,8 @@ def test_config_validation_and_shipped_configs():
         from_dict(IngestConfig, {"shard_mb": -1})
     with pytest.raises(ConfigError, match="dtype"):
         from_dict(IngestConfig, {"dtype": "float32"})
+    with pytest.raises(ConfigError, match=r"size=\[100000, 256\] must be \[height, width\]"):
+        from_dict(IngestConfig, {"size": [100000, 256]})
     for bad in ({"storage": "jpeg"}, {"storage": "png"}, {"storage": "raw", "lab": "uint8"}):
         with pytest.raises(ConfigError, match="set storage=raw and lab=float"):
             from_dict(IngestConfig, {"dtype": "float16", **bad})
@@ -121,3 +157,24 @@ def test_config_hashes_keep_shard_sets_already_written_valid(tmp_path):
         assert build_manifest([spec], {0: stats}, {}, demo)["config_hash"] == recorded
     with pytest.raises(ConfigError, match="different ingest config.*--overwrite"):
         _read_done([spec], replace(demo, quality=90))
+
+
+def test_videos_that_stopped_early_are_listed_as_problems():
+    # "ok" with the clips before a decode error: in the manifest's problems and the summary,
+    # not only in the shard's stats file. A non-UTF-8 path prints.
+    name = os.fsdecode(b"/v/caf\xe9.mp4")
+    videos = [
+        {"path": "/v/a.mp4", "status": "ok", "clips": 3, "message": ""},
+        {"path": name, "status": "ok", "clips": 2, "message": "stopped after 2 clips: X"},
+    ]
+    stats = {"config_hash": "h", "num_samples": 5, "num_frames": 10, "bytes": 9, "sha256": "",
+             "videos": videos}  # fmt: skip
+    manifest = build_manifest(
+        [ShardSpec(0, ("/v/a.mp4", name), "/o")], {0: stats}, {}, IngestConfig()
+    )
+    assert manifest["problems"] == [
+        {"path": name, "status": "ok", "message": "stopped after 2 clips: X"}
+    ]
+    table = summary_table(manifest)
+    assert "ok 2 (1 stopped early)" in table and "stopped after 2 clips" in table
+    table.encode("utf-8")
