@@ -391,10 +391,22 @@ def _video_members(url: str, cfg: IngestConfig, entry: dict[str, Any]) -> Member
     except SkipVideo as e:
         entry.update(status="skipped", message=str(e))
     except Exception as e:  # task boundary for one video: record, never fail the shard
+        error = f"{type(e).__name__}: {str(e)[:400]}; {_fix(e)}"
         if entry["clips"]:  # a decode error mid-video: the clips before it stay
-            entry["message"] = f"stopped after {entry['clips']} clips: {type(e).__name__}: {e}"
+            entry["message"] = f"stopped after {entry['clips']} clips: {error}"
         else:
-            entry.update(status="failed", message=f"{type(e).__name__}: {e}"[:500])
+            entry.update(status="failed", message=error)
+
+
+def _fix(e: Exception) -> str:
+    """What to do about a video that failed with `e` (the message names the file)."""
+    if isinstance(e, FileNotFoundError):
+        return "check the path (a list file's relative entries start at its directory)"
+    if isinstance(e, PermissionError):
+        return "make the file readable by the Ray workers"
+    if isinstance(e, MemoryError):
+        return "give tasks more memory or lower size"
+    return "the file is not a readable video: download it again or re-encode it"
 
 
 class _Counting:

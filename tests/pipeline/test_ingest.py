@@ -86,10 +86,16 @@ def test_every_video_is_accounted_for(ingested):
         problems["short.mp4"][0] == "skipped"
         and "3 frames < clip span 5" in problems["short.mp4"][1]
     )
-    assert problems["empty.mp4"] == ("failed", "ValueError: empty file (0 bytes)")
-    assert problems["missing.mp4"][0] == "failed" and "no such file" in problems["missing.mp4"][1]
+    # Each message names what happened and the fix.
+    not_video = "the file is not a readable video: download it again or re-encode it"
+    assert problems["empty.mp4"] == ("failed", f"ValueError: empty file (0 bytes); {not_video}")
+    assert problems["missing.mp4"][0] == "failed"
+    assert (
+        "no such file" in problems["missing.mp4"][1]
+        and "; check the path" in problems["missing.mp4"][1]
+    )
     for name in ("corrupt.mp4", "notes.mp4"):
-        assert problems[name][0] == "failed" and problems[name][1], problems[name]
+        assert problems[name][0] == "failed" and problems[name][1].endswith(not_video)
     # The stats files say the same, video by video.
     statuses = {}
     for name in os.listdir(dst):
