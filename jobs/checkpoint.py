@@ -7,8 +7,8 @@ last, `complete.json`. `checkpoint.pt` is `torch.save` of
 so `MAST.from_state(state)` rebuilds the model (the format `jobs.tracking.load_model` reads).
 
 A directory without its completion marker, or whose file does not unpickle, is corrupt: it is
-recorded (a warning and a line in `corrupt_checkpoints.jsonl` beside it) and skipped, and the
-next older checkpoint of the same run is used instead.
+recorded (a warning, and once a line in `corrupt_checkpoints.jsonl` beside it) and skipped,
+and the next older checkpoint of the same run is used instead.
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ CORRUPT_LOG = "corrupt_checkpoints.jsonl"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is unreadable or does not fit the current config; the message says why."""
+
+
+class NoReadableCheckpoint(CheckpointError):
+    """Every checkpoint of a run directory is corrupt (each one recorded); `skipped` lists them."""
+
+    def __init__(self, message: str, skipped: list[str]):
+        super().__init__(message)
+        self.skipped = skipped
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -144,13 +152,23 @@ def check_compatible(state: dict[str, Any], model_args: dict[str, Any], source: 
 
 
 def record_corrupt(path: Path, error: Exception) -> None:
+    """Warn; add a line to CORRUPT_LOG unless this checkpoint is already there (the driver's
+    preflight and the worker's restore both meet it, and so does every rerun)."""
     log.warning("skipping corrupt checkpoint %s: %s", path, error)
+    log_file = path.parent / CORRUPT_LOG
     entry = {"checkpoint": str(path), "error": str(error), "time": time.time()}
     try:
-        with open(path.parent / CORRUPT_LOG, "a") as f:
+        if log_file.exists():
+            for line in log_file.read_text().splitlines():
+                try:
+                    if json.loads(line).get("checkpoint") == str(path):
+                        return
+                except (json.JSONDecodeError, AttributeError):
+                    continue  # a torn line from a killed writer
+        with open(log_file, "a") as f:
             f.write(json.dumps(entry) + "\n")
     except OSError as e:  # the record is best effort; the warning above is already out
-        log.warning("could not record corrupt checkpoint in %s: %s", path.parent / CORRUPT_LOG, e)
+        log.warning("could not record corrupt checkpoint in %s: %s", log_file, e)
 
 
 def _step_of(path: Path) -> int:
@@ -163,7 +181,8 @@ def _step_of(path: Path) -> int:
 def load_latest_valid(latest: str | Path) -> tuple[dict[str, Any], Path, list[str]]:
     """Load `latest`; if corrupt, fall back to the newest older sibling `checkpoint_*` dir.
 
-    Returns (state, path used, [skipped corrupt paths]). Raises CheckpointError if none loads.
+    Returns (state, path used, [skipped corrupt paths]). Raises NoReadableCheckpoint if none
+    loads: the caller decides between starting afresh and an error that names the fix.
     """
     latest = Path(latest)
     candidates = [latest]
@@ -181,9 +200,10 @@ def load_latest_valid(latest: str | Path) -> tuple[dict[str, Any], Path, list[st
         except CheckpointError as e:
             record_corrupt(path, e)
             skipped.append(str(path))
-    raise CheckpointError(
-        f"no readable checkpoint: {skipped} are all corrupt; delete the run directory "
-        f"{latest.parent} to start over"
+    raise NoReadableCheckpoint(
+        f"no readable checkpoint in {latest.parent}: {[Path(p).name for p in skipped]} are all "
+        f"corrupt (recorded in {latest.parent / CORRUPT_LOG})",
+        skipped,
     )
 
 

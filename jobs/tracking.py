@@ -101,6 +101,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             f"MLflow tracking URI {uri!r}: MLflow 3 refuses the file store; use "
             "sqlite:////absolute/path/mlflow.db or http://host:port"
         )
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql", "databricks"):
+        return  # MLflow's other stores: the first call reports their own errors
+    raise TrackingError(
+        f"MLflow tracking URI {uri!r} is not supported; use sqlite:////absolute/path/mlflow.db, "
+        "http(s)://server:port or a database URI MLflow takes (postgresql://, mysql://); set "
+        "mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+    )
 
 
 def _client(uri: str):
@@ -172,8 +179,16 @@ def setup_runs(
     return StageRuns(uri, exp_id, parent, children)
 
 
-def log_dataset(uri: str, run_id: str, source: str, content_hash: str, num_samples: int) -> None:
-    """Lineage: the manifest URI and its content hash as the run's training input."""
+def log_dataset(
+    uri: str,
+    run_id: str,
+    source: str,
+    content_hash: str,
+    num_samples: int,
+    tags: dict[str, str] | None = None,
+) -> None:
+    """Lineage: the manifest URI and the content hash of what is trained on as the run's
+    training input; `tags` (e.g. the shards skipped) go with it."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
@@ -191,6 +206,12 @@ def log_dataset(uri: str, run_id: str, source: str, content_hash: str, num_sampl
     client.log_inputs(run_id, datasets=[inp])
     client.set_tag(run_id, "data.hash", content_hash)
     client.set_tag(run_id, "data.num_samples", str(num_samples))
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+
+
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    _client(uri).set_tag(run_id, key, value)
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:

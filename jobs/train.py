@@ -7,20 +7,24 @@
         --data s3://bucket/shards/manifest.json --run-name mast-v1 mlflow.tracking_uri=http://mlflow:5000
 
 Everything that can be checked is checked before Ray workers start: the config (typos name
-the allowed keys), the data (missing/empty manifest, unreadable shards are recorded and
-skipped), the tracking store (reachable, writable) and any checkpoint to resume or start
+the allowed keys; stages in the order pretrain -> main -> dynamic), the data (a missing,
+empty or malformed manifest is an error; unreadable shards are skipped and recorded in the
+MLflow runs), the tracking store (reachable, writable) and any checkpoint to resume or start
 from (same model config). Each stage is a Ray Train run named `<run_name>-<stage>` under
-`storage_path`; rerunning the same command resumes it from its latest checkpoint, and a
-stage that already finished (`stage_done.json`) is skipped, both only on the data the stage
-started on (`stage_data.json`: the manifest's content hash). Each stage starts from the
-previous stage's final checkpoint and ends with a registered model version and the alias
-`<stage>-latest`.
+`storage_path`; rerunning the same command resumes it from its latest readable checkpoint
+(none readable: the stage starts afresh), and a stage that already finished
+(`stage_done.json`) is skipped, both only on the data the stage started on (`stage_data.json`:
+the manifest's content hash, combined with the names of skipped shards) and, for the model,
+the same model config. Each stage starts from the previous stage's final checkpoint (if that
+is corrupt, the newest readable one beside it) and ends with a registered model version and
+the alias `<stage>-latest`. When the job stops with an error, its MLflow runs end FAILED.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -31,9 +35,15 @@ from typing import Any
 
 import torch
 
-from jobs.checkpoint import CheckpointError, check_compatible, load_latest_valid
+from jobs.checkpoint import (
+    CheckpointError,
+    NoReadableCheckpoint,
+    check_compatible,
+    load_latest_valid,
+)
 from jobs.config import ConfigError, config_help, flatten, to_dict
 from jobs.tracking import (
+    StageRuns,
     TrackingError,
     check_reachable,
     compute_example,
@@ -43,6 +53,7 @@ from jobs.tracking import (
     log_dataset,
     register_stage_model,
     resolve_tracking_uri,
+    set_tag,
     setup_runs,
 )
 from jobs.train_config import TrainConfig, load_stage_configs
@@ -63,9 +74,21 @@ class DataInfo:
     uri: str  # what the user gave (manifest or shards)
     shards: list[str]  # readable shard URLs
     source: str | list[str]  # what the loader gets: the manifest, or the readable shards
+    # Of what is trained on: the manifest's content hash, or with skipped shards a hash of it
+    # and their names (lineage and the same-data resume check see the difference).
     content_hash: str
-    num_samples: int
-    skipped: list[str]  # corrupt shards, recorded
+    num_samples: int  # in the readable shards; -1 when shard URLs were given (unknown)
+    skipped: list[str]  # "shard: reason" of corrupt shards, recorded
+    manifest_hash: str  # the manifest's own content hash
+
+
+def data_tags(data: DataInfo) -> dict[str, str]:
+    """MLflow tags that record the shards skipped (the loader never sees them)."""
+    tags = {"data.num_shards_skipped": str(len(data.skipped))}
+    if data.skipped:
+        tags["data.shards_skipped"] = "; ".join(data.skipped)[:5000]
+        tags["data.manifest_hash"] = data.manifest_hash
+    return tags
 
 
 def _tar_ok(path: str) -> str:
@@ -93,27 +116,15 @@ def describe_data(data: str) -> DataInfo:
         path = os.path.abspath(path)
     if not remote and os.path.isdir(path):
         path = os.path.join(path, "manifest.json")
+    per_shard: list[int] | None = None
     if path.endswith(".json"):
-        if remote:
-            import fsspec
-
-            with fsspec.open(path) as f:
-                manifest = json.load(f)
-        else:
-            if not os.path.isfile(path):
-                raise ConfigError(f"data manifest {path} does not exist; run jobs.ingest first")
-            try:
-                manifest = json.loads(Path(path).read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"data manifest {path} is not valid JSON ({e}); rerun jobs.ingest"
-                ) from e
+        manifest = _read_manifest(path, remote)
         base = path.rsplit("/", 1)[0]
         shards = [
-            s if ("://" in s or s.startswith("/")) else f"{base}/{s}"
-            for s in manifest.get("shards", [])
+            s if ("://" in s or s.startswith("/")) else f"{base}/{s}" for s in manifest["shards"]
         ]
-        num_samples = int(manifest.get("num_samples", 0))
+        num_samples = manifest["num_samples"]
+        per_shard = manifest.get("samples_per_shard")
         content_hash = str(manifest.get("content_hash", ""))
         if not shards or num_samples <= 0:
             raise ConfigError(
@@ -121,13 +132,12 @@ def describe_data(data: str) -> DataInfo:
                 "nothing to train on (did ingest find any videos?)"
             )
     else:
-        import hashlib
-
         shards = [s.strip() for s in data.split(",") if s.strip()]
         num_samples = -1
         content_hash = hashlib.sha256("\n".join(sorted(shards)).encode()).hexdigest()
         path = data
     skipped: list[str] = []
+    skipped_names: list[str] = []
     if not remote:
         missing = [
             s for s in shards if "{" not in s and not os.path.isfile(s.removeprefix("file://"))
@@ -143,19 +153,66 @@ def describe_data(data: str) -> DataInfo:
                 "rerun jobs.ingest on the same output to finish them"
             )
         good = []
-        for s in shards:
+        for i, s in enumerate(shards):
             reason = _tar_ok(s.removeprefix("file://")) if "{" not in s else ""
             if reason:
                 log.warning("corrupt shard %s skipped: %s", s, reason)
                 skipped.append(f"{s}: {reason}")
+                skipped_names.append(s.rsplit("/", 1)[-1])
+                if per_shard is not None:
+                    num_samples -= per_shard[i]
             else:
                 good.append(s)
         if not good:
             raise ConfigError(f"data {path}: every shard is unreadable: {skipped}")
         shards = good
+    manifest_hash = content_hash or "unknown"
+    if skipped:  # names, not paths: the same data copied elsewhere keeps its hash
+        text = "\n".join([manifest_hash, *sorted(skipped_names)])
+        content_hash = hashlib.sha256(text.encode()).hexdigest()
     # The manifest itself when every shard is usable: the loader then weights shards by size.
     source = path if (path.endswith(".json") and not skipped) else shards
-    return DataInfo(data, shards, source, content_hash or "unknown", num_samples, skipped)
+    return DataInfo(
+        data, shards, source, content_hash or "unknown", num_samples, skipped, manifest_hash
+    )
+
+
+def _read_manifest(path: str, remote: bool) -> dict[str, Any]:
+    """The manifest at `path`, checked to be what jobs.ingest writes (clear errors if not)."""
+    if remote:
+        import fsspec
+
+        with fsspec.open(path, "rt") as f:
+            text = f.read()
+    else:
+        if not os.path.isfile(path):
+            raise ConfigError(f"data manifest {path} does not exist; run jobs.ingest first")
+        text = Path(path).read_text()
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data manifest {path} is not valid JSON ({e}); rerun jobs.ingest") from e
+    problem = ""
+    if not isinstance(manifest, dict):
+        problem = f"it holds a JSON {type(manifest).__name__}, not an object"
+    elif not isinstance(manifest.get("shards"), list) or not all(
+        isinstance(s, str) for s in manifest["shards"]
+    ):
+        problem = f"'shards' is {str(manifest.get('shards'))[:80]}, not a list of shard names"
+    elif type(manifest.get("num_samples")) is not int:  # bool is no count either
+        problem = f"'num_samples' is {manifest.get('num_samples')!r}, not an integer"
+    elif manifest["shards"] and (
+        not isinstance(manifest.get("samples_per_shard"), list)
+        or len(manifest["samples_per_shard"]) != len(manifest["shards"])
+        or not all(type(n) is int for n in manifest["samples_per_shard"])
+    ):
+        problem = "'samples_per_shard' is not one integer per shard"
+    if problem:
+        raise ConfigError(
+            f"data manifest {path} is not a manifest written by jobs.ingest ({problem}); give "
+            "the manifest.json that jobs.ingest writes (or its directory), or rerun jobs.ingest"
+        )
+    return manifest
 
 
 def _stage_dir(cfg: TrainConfig, run_name: str) -> Path:
@@ -172,13 +229,38 @@ def check_same_data(cfgs: list[TrainConfig], run_name: str, data: DataInfo) -> N
         recorded = json.loads(path.read_text())
         if recorded["data_hash"] != data.content_hash:
             latest = _latest_checkpoint(path.parent)
+            skipped = (
+                f" with {len(data.skipped)} corrupt shards skipped: {data.skipped}"
+                if data.skipped
+                else ""
+            )
             raise ConfigError(
                 f"run {run_name!r} stage {cfg.stage} started on data {recorded['data']} "
                 f"(content hash {recorded['data_hash'][:12]}, {path}), not on --data "
-                f"{data.uri} ({data.content_hash[:12]}): give that data to resume it, or a new "
-                "--run-name to train on this data"
+                f"{data.uri} ({data.content_hash[:12]}{skipped}): give that data to resume it, "
+                "or a new --run-name to train on this data"
                 + (f" (checkpoint.init_from={latest} starts from its weights)" if latest else "")
             )
+
+
+def check_finished_stages(cfgs: list[TrainConfig], run_name: str) -> None:
+    """A finished stage is reused as it is: refuse it under another model config, as a resume
+    is refused, before any MLflow run is touched. Other changes (schedule, optim, ...) leave
+    it finished (setup_runs warns about each changed param)."""
+    for cfg in cfgs:
+        done_file = _stage_dir(cfg, run_name) / DONE_FILE
+        if not done_file.exists():
+            continue
+        final = json.loads(done_file.read_text())["checkpoint"]
+        try:
+            state, used, _ = load_latest_valid(final)
+        except NoReadableCheckpoint:
+            continue  # nothing to compare; chaining from it names the fix
+        check_compatible(
+            state,
+            dataclasses.asdict(cfg.model),
+            f"{used} (stage {cfg.stage} of run {run_name!r}, finished: {done_file})",
+        )
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
@@ -191,14 +273,40 @@ def preflight_checkpoints(cfg: TrainConfig, run_dir: Path, tracking_uri: str) ->
     model_args = dataclasses.asdict(cfg.model)
     latest = _latest_checkpoint(run_dir)
     if latest is not None:
-        state, used, _ = load_latest_valid(latest)
-        check_compatible(state, model_args, str(used))
-    elif cfg.checkpoint.init_from:
+        try:
+            state, used, _ = load_latest_valid(latest)
+        except NoReadableCheckpoint as e:  # e.g. killed while writing the first checkpoint
+            start = cfg.checkpoint.init_from or "scratch"
+            log.warning("stage %s: %s; it starts afresh from %s", cfg.stage, e, start)
+        else:
+            check_compatible(state, model_args, str(used))
+            return
+    if cfg.checkpoint.init_from:
         try:
             state = load_state(cfg.checkpoint.init_from, tracking_uri)
         except (OSError, CheckpointError) as e:
-            raise CheckpointError(f"checkpoint.init_from={cfg.checkpoint.init_from!r}: {e}") from e
+            raise CheckpointError(
+                f"checkpoint.init_from={cfg.checkpoint.init_from!r}: {e}; give a readable "
+                "checkpoint directory or a models:/ URI"
+            ) from e
         check_compatible(state, model_args, cfg.checkpoint.init_from)
+
+
+def readable_final(previous: str, stage: str, run_name: str) -> tuple[str, list[str]]:
+    """The previous stage's final checkpoint, or the newest readable one beside it if that is
+    corrupt (recorded); returns (path, [corrupt paths skipped])."""
+    try:
+        _, used, skipped = load_latest_valid(previous)
+    except NoReadableCheckpoint as e:
+        done_file = Path(previous).parent / DONE_FILE
+        raise CheckpointError(
+            f"stage {stage} of run {run_name!r} left nothing to start the next stage from: {e}. "
+            f"Rerun {stage} (delete {done_file}) or pass checkpoint.init_from=<checkpoint dir "
+            "or models:/ URI>"
+        ) from e
+    if skipped:
+        log.warning("stage %s: final checkpoint %s is corrupt; using %s", stage, previous, used)
+    return str(used), skipped
 
 
 def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str, run_id: str):
@@ -307,9 +415,38 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     check_reachable(uri)
     run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")
     check_same_data(cfgs, run_name, data)
+    check_finished_stages(cfgs, run_name)
     runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
+    ended: set[str] = set()  # child runs that have their final status
+    try:
+        outputs = train_stages(cfgs, run_name, data, uri, runs, ended)
+    except BaseException as e:
+        # Whatever stopped the job (a checkpoint refused before a stage, a failed stage,
+        # Ctrl-C), its runs must not stay RUNNING forever.
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        for run_id in [*runs.child_run_ids.values(), runs.parent_run_id]:
+            if run_id not in ended:
+                try:
+                    finish_run(uri, run_id, status)
+                except Exception as end_error:  # noqa: BLE001 - keep the original error
+                    log.warning("could not mark MLflow run %s %s: %s", run_id, status, end_error)
+        raise
+    finish_run(uri, runs.parent_run_id)
+    return outputs
+
+
+def train_stages(
+    cfgs: list[TrainConfig],
+    run_name: str,
+    data: DataInfo,
+    uri: str,
+    runs: StageRuns,
+    ended: set[str],
+) -> dict[str, Any]:
+    """Each stage in turn, from the previous one's final checkpoint; finished ones skipped."""
     for c in cfgs:
-        log_dataset(uri, runs.child_run_ids[c.stage], data.uri, data.content_hash, data.num_samples)
+        child = runs.child_run_ids[c.stage]
+        log_dataset(uri, child, data.uri, data.content_hash, data.num_samples, data_tags(data))
     if any(c.scaling.num_workers > 0 for c in cfgs):  # local mode (0 workers) needs no cluster
         import ray
 
@@ -317,24 +454,33 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     outputs: dict[str, Any] = {}
     previous: str | None = None
+    previous_stage = ""
     for cfg in cfgs:
         run_dir = _stage_dir(cfg, run_name)
         done_file = run_dir / DONE_FILE
+        child = runs.child_run_ids[cfg.stage]
         if done_file.exists():
             outputs[cfg.stage] = json.loads(done_file.read_text())
-            previous = outputs[cfg.stage]["checkpoint"]
+            previous, previous_stage = outputs[cfg.stage]["checkpoint"], cfg.stage
+            ended.add(child)
             log.info("stage %s already finished (%s); skipping", cfg.stage, done_file)
             continue
         if previous and not cfg.checkpoint.init_from:
+            init_from, skipped = readable_final(previous, previous_stage, run_name)
+            if skipped:
+                set_tag(uri, child, "init_from_corrupt_skipped", ",".join(skipped))
             cfg = dataclasses.replace(
-                cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=previous)
+                cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=init_from)
             )
         preflight_checkpoints(cfg, run_dir, uri)
         if not (run_dir / DATA_FILE).exists():
             run_dir.mkdir(parents=True, exist_ok=True)
-            record = {"data": data.uri, "data_hash": data.content_hash}
+            record = {
+                "data": data.uri,
+                "data_hash": data.content_hash,
+                "skipped_shards": data.skipped,
+            }
             atomic_write_bytes(str(run_dir / DATA_FILE), json.dumps(record).encode())
-        child = runs.child_run_ids[cfg.stage]
         log.info(
             "stage %s: %d steps on %d workers -> %s",
             cfg.stage,
@@ -342,14 +488,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             cfg.scaling.num_workers,
             run_dir,
         )
-        try:
-            final, metrics = run_stage(cfg, run_name, data, uri, child)
-        except Exception:
-            finish_run(uri, child, "FAILED")
-            finish_run(uri, runs.parent_run_id, "FAILED")
-            raise
+        final, metrics = run_stage(cfg, run_name, data, uri, child)
         version = register(cfg, final, run_name, data, uri, child) if cfg.mlflow.register else None
         finish_run(uri, child)
+        ended.add(child)
         outputs[cfg.stage] = {
             "checkpoint": str(final),
             "version": version,
@@ -358,8 +500,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         }
         done_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(str(done_file), json.dumps(outputs[cfg.stage], default=str).encode())
-        previous = str(final)
-    finish_run(uri, runs.parent_run_id)
+        previous, previous_stage = str(final), cfg.stage
     return outputs
 
 

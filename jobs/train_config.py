@@ -189,6 +189,13 @@ def load_stage_configs(
     if stages:
         for s in stages:
             choice(s, STAGES, "--stages")
+        # Each stage starts from the previous one's weights: only the paper's order makes sense.
+        order = [STAGES.index(s) for s in stages]
+        if order != sorted(set(order)):
+            raise ConfigError(
+                f"--stages {','.join(stages)}: stages run in the order {' -> '.join(STAGES)}, "
+                "each at most once (a subset is fine, e.g. main,dynamic)"
+            )
     cfgs = []
     if path is not None:
         raw = read_yaml(path)

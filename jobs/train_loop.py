@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from jobs.checkpoint import (
+    NoReadableCheckpoint,
     check_compatible,
     load_latest_valid,
     restore_training_state,
@@ -281,7 +282,13 @@ def restore(ctx: dict[str, Any], resume_from: str | None) -> int:
     ray_ckpt = ray.train.get_checkpoint()
     latest = ray_ckpt.path if ray_ckpt is not None else resume_from
     if latest:
-        state, used, skipped = load_latest_valid(latest)
+        try:
+            state, used, skipped = load_latest_valid(latest)
+        except NoReadableCheckpoint as e:  # e.g. killed while writing the first one
+            log.warning("rank %d: %s; the stage starts afresh", ctx["rank"], e)
+            ctx["tracker"].set_tag("corrupt_checkpoints_skipped", ",".join(e.skipped))
+            latest = None
+    if latest:
         check_compatible(state, model.model_args, str(used))
         step = restore_training_state(state, model, ctx["optimizer"], ctx["scheduler"])
         # Other ranks draw their own channel-dropout stream; the loader reseeds by start_step.

@@ -10,6 +10,7 @@ import torch
 from jobs.checkpoint import (
     CORRUPT_LOG,
     CheckpointError,
+    NoReadableCheckpoint,
     check_compatible,
     load_checkpoint,
     load_latest_valid,
@@ -95,16 +96,22 @@ def test_corrupt_latest_falls_back_to_previous_and_is_recorded(tmp_path):
     _save(tmp_path / "checkpoint_00000030", model, opt, sched, 30)
     (tmp_path / "checkpoint_00000030" / "checkpoint.pt").write_bytes(b"garbage, not a zip")
     (tmp_path / "checkpoint_00000020" / "complete.json").unlink()  # crashed while writing
-    state, used, skipped = load_latest_valid(tmp_path / "checkpoint_00000030")
-    assert state["step"] == 10 and used.name == "checkpoint_00000010"
-    assert [s.rsplit("/", 1)[-1] for s in skipped] == ["checkpoint_00000030", "checkpoint_00000020"]
+    for _ in range(2):  # the driver's preflight and the worker's restore both meet them
+        state, used, skipped = load_latest_valid(tmp_path / "checkpoint_00000030")
+        assert state["step"] == 10 and used.name == "checkpoint_00000010"
+        names = [s.rsplit("/", 1)[-1] for s in skipped]
+        assert names == ["checkpoint_00000030", "checkpoint_00000020"]
     records = [json.loads(line) for line in (tmp_path / CORRUPT_LOG).read_text().splitlines()]
+    assert len(records) == 2  # recorded once each
     assert "corrupt" in records[0]["error"] and "not finished" in records[1]["error"]
 
 
 def test_all_corrupt_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint_00000001").mkdir()
-    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+    (tmp_path / "checkpoint_00000001" / "checkpoint.pt.tmp-123").write_bytes(b"PK")  # killed
+    with pytest.raises(NoReadableCheckpoint, match="no readable checkpoint") as raised:
         load_latest_valid(tmp_path / "checkpoint_00000001")
+    assert raised.value.skipped == [str(tmp_path / "checkpoint_00000001")]
+    assert isinstance(raised.value, CheckpointError)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")

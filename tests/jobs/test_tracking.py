@@ -48,6 +48,9 @@ def test_unreachable_and_unusable_stores_are_clear_errors():
         check_reachable("sqlite:///relative/mlflow.db")
     with pytest.raises(TrackingError, match="file store"):
         check_reachable("file:///tmp/mlruns")
+    with pytest.raises(TrackingError, match=r"'foo://bar' is not supported; use sqlite:////.*"):
+        check_reachable("foo://bar")
+    check_reachable("postgresql://mlflow@db:5432/mlflow")  # MLflow's own: it reports errors
 
 
 def test_runs_are_found_again_not_duplicated(uri, tmp_path):

@@ -4,6 +4,7 @@ registry round trip, resume and non-finite loss. Multi-worker Ray runs: test_tra
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def test_config_typo_and_mismatch_are_named():
         load_stage_configs(DEMO, ["main"], ["storage_path=s3://bucket/ray"])
     with pytest.raises(ConfigError, match="set the stage with --stages"):
         load_stage_configs(DEMO, ["main"], ["loader.stage=pretrain"])
+    # Each stage starts from the previous one's weights: backwards or twice is refused.
+    for stages in (["main", "pretrain"], ["pretrain", "pretrain"], ["pretrain", "dynamic", "main"]):
+        with pytest.raises(
+            ConfigError, match="order pretrain -> main -> dynamic, each at most once"
+        ):
+            load_stage_configs(DEMO, stages, [])
+    assert [c.stage for c in load_stage_configs(DEMO, ["main", "dynamic"])] == ["main", "dynamic"]
 
 
 def test_stage_configs_hold_the_recipe():
@@ -114,18 +122,40 @@ def test_bad_data_is_reported_clearly(tmp_path, train_shards):
     info = describe_data(str(copy / "manifest.json"))
     assert len(info.shards) == len(shards) - 1 and info.num_samples > 0
     assert info.source == info.shards  # the loader gets only the readable shards
-    assert describe_data(str(train_shards)).source == str(train_shards)  # intact: the manifest
+    intact = describe_data(str(train_shards))
+    assert intact.source == str(train_shards)  # intact: the manifest
     assert len(info.skipped) == 1 and shards[0].name in info.skipped[0]
+    # What is trained on: fewer samples, and another hash than the manifest's.
+    manifest = json.loads(train_shards.read_text())
+    lost = manifest["samples_per_shard"][manifest["shards"].index(shards[0].name)]
+    assert info.num_samples == intact.num_samples - lost == manifest["num_samples"] - lost
+    assert info.manifest_hash == intact.content_hash == manifest["content_hash"]
+    assert info.content_hash != manifest["content_hash"]
     for s in shards[1:]:
         s.write_bytes(b"not a tar at all")
     with pytest.raises(ConfigError, match="every shard is unreadable"):
         describe_data(str(copy / "manifest.json"))
+    # Not a manifest (jobs.ingest's assignment.json, a list, bad counts): named, with the fix.
+    wrong = tmp_path / "assignment.json"
+    for content, problem in [
+        ({"videos_per_shard": 1, "shards": [["a.mp4"]]}, "'shards' is [['a.mp4']], not a list"),
+        ([], "it holds a JSON list, not an object"),
+        ({"shards": ["s.tar"], "num_samples": "abc"}, "'num_samples' is 'abc', not an integer"),
+        ({"shards": ["s.tar"], "num_samples": None}, "'num_samples' is None, not an integer"),
+        ({"shards": ["s.tar"], "num_samples": 3}, "'samples_per_shard' is not one integer"),
+    ]:
+        wrong.write_text(json.dumps(content))
+        expected = f"{wrong} is not a manifest written by jobs.ingest ({problem}"
+        with pytest.raises(ConfigError, match=re.escape(expected) + ".*rerun jobs.ingest"):
+            describe_data(str(wrong))
 
 
 def test_unreachable_tracking_fails_before_any_work(tmp_path, train_shards):
     args = _args(tmp_path, train_shards, "mlflow.tracking_uri=http://127.0.0.1:9")
     with pytest.raises(TrackingError, match="unreachable"):
         main(args)
+    with pytest.raises(TrackingError, match="'foo://bar' is not supported; use sqlite:////"):
+        main(_args(tmp_path, train_shards, "mlflow.tracking_uri=foo://bar"))
     assert not (tmp_path / "ray").exists()  # stopped before any stage (or Ray) started
 
 
@@ -175,7 +205,7 @@ def test_three_stages_chain_register_and_reload(tmp_path, train_shards):
     assert len(_runs(tmp_path, "t")[1]) == 4
 
 
-def test_interrupted_run_resumes_with_same_name(tmp_path, train_shards):
+def test_interrupted_run_resumes_with_same_name(tmp_path, train_shards, caplog):
     args = _args(tmp_path, train_shards, "schedule.steps=6", "fault_at_step=3", run="r")
     with pytest.raises(RuntimeError, match="injected fault at step 3"):
         main(args)
@@ -198,6 +228,16 @@ def test_interrupted_run_resumes_with_same_name(tmp_path, train_shards):
         main(_args(tmp_path, other, "schedule.steps=6", run="r"))
     assert len(_runs(tmp_path, "r")[1]) == 2
 
+    # A finished stage is not reused under another model config either, and MLflow is not
+    # touched (no "param changed" warnings from setting up the runs).
+    caplog.clear()
+    with pytest.raises(
+        CheckpointError, match=r"stage pretrain of run 'r', finished.*model.width: checkpoint 16"
+    ):
+        main(_args(tmp_path, train_shards, "schedule.steps=6", "model.width=8", run="r"))
+    assert "changed on resume" not in caplog.text
+    assert {r.info.status for r in _runs(tmp_path, "r")[1]} == {"FINISHED"}
+
     # Resuming with another model config is refused before training starts.
     (stage_dir / "stage_done.json").unlink()
     with pytest.raises(CheckpointError, match="model.width: checkpoint 16 != config 8"):
@@ -214,6 +254,8 @@ def test_incompatible_init_checkpoint_is_refused(tmp_path, train_shards):
             )
         )
     assert not list((tmp_path / "ray" / "b-pretrain").glob("checkpoint_*"))
+    _, runs = _runs(tmp_path, "b")  # refused before the stage started: not left RUNNING
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, train_shards):
@@ -240,3 +282,61 @@ def test_corrupt_latest_checkpoint_falls_back_on_resume(tmp_path, train_shards):
     child = next(r for r in runs if r.data.tags["mast.role"] == "stage")
     assert child.data.metrics["resumed_from_step"] == 2  # the previous, readable checkpoint
     assert child.data.tags["corrupt_checkpoints_skipped"].endswith("checkpoint_00000004")
+
+
+def test_corrupt_shards_and_checkpoints_are_recorded_and_skipped(tmp_path, train_shards):
+    data = tmp_path / "shards"
+    shutil.copytree(train_shards.parent, data)
+    shard = sorted(data.glob("shard-*.tar"))[0]
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:700])  # truncated mid-member
+    manifest = json.loads(train_shards.read_text())
+    # Killed while writing the first checkpoint: only the temporary file is there.
+    stage_dir = tmp_path / "ray" / "k-pretrain"
+    (stage_dir / "checkpoint_00000002").mkdir(parents=True)
+    (stage_dir / "checkpoint_00000002" / "checkpoint.pt.tmp-123").write_bytes(b"PK\x03")
+    common = ("schedule.steps=4", "mlflow.register=false")
+    main(_args(tmp_path, data / "manifest.json", *common, run="k"))  # starts afresh
+    records = (stage_dir / "corrupt_checkpoints.jsonl").read_text().splitlines()
+    assert len(records) == 1 and "checkpoint_00000002" in records[0]  # once, not per reader
+    client, runs = _runs(tmp_path, "k")
+    pre = next(r for r in runs if r.data.tags.get("mast.stage") == "pretrain")
+    assert pre.data.tags["corrupt_checkpoints_skipped"].endswith("checkpoint_00000002")
+    # The skipped shard is in the run: its name, the count, what is trained on, another hash.
+    tags = pre.data.tags
+    assert tags["data.num_shards_skipped"] == "1" and shard.name in tags["data.shards_skipped"]
+    lost = manifest["samples_per_shard"][manifest["shards"].index(shard.name)]
+    assert tags["data.num_samples"] == str(manifest["num_samples"] - lost)
+    assert tags["data.manifest_hash"] == manifest["content_hash"] != tags["data.hash"]
+    recorded = json.loads((stage_dir / "stage_data.json").read_text())
+    assert recorded["data_hash"] == tags["data.hash"] and len(recorded["skipped_shards"]) == 1
+
+    # The finished pretrain stage's final checkpoint is corrupt: main starts from the older one.
+    (stage_dir / "checkpoint_00000004" / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    main(_args(tmp_path, data / "manifest.json", *common, stages="pretrain,main", run="k"))
+    client, runs = _runs(tmp_path, "k")
+    main_run = next(r for r in runs if r.data.tags.get("mast.stage") == "main")
+    assert main_run.info.status == "FINISHED"
+    assert main_run.data.tags["init_from"] == str(stage_dir / "checkpoint_00000002")
+    assert main_run.data.tags["init_from_corrupt_skipped"].endswith("checkpoint_00000004")
+    records = (stage_dir / "corrupt_checkpoints.jsonl").read_text().splitlines()
+    assert len(records) == 2 and "checkpoint_00000004" in records[1]
+
+    # None readable: a clear error naming the fix; the runs end FAILED, not RUNNING.
+    (stage_dir / "checkpoint_00000002" / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    refused = r"stage pretrain of run 'k' left nothing.*delete .*stage_done.json.*init_from="
+    with pytest.raises(CheckpointError, match=refused):
+        main(_args(tmp_path, data / "manifest.json", *common, stages="pretrain,dynamic", run="k"))
+    client, runs = _runs(tmp_path, "k")
+    status = {r.data.tags.get("mast.stage", "parent"): r.info.status for r in runs}
+    assert status == {
+        "parent": "FAILED",
+        "pretrain": "FINISHED",
+        "main": "FINISHED",
+        "dynamic": "FAILED",
+    }
+
+    # The shard repaired is other data than the run trained on: a resume is refused.
+    shard.write_bytes(intact)
+    with pytest.raises(ConfigError, match="started on data"):
+        main(_args(tmp_path, data / "manifest.json", *common, run="k"))
