@@ -63,7 +63,7 @@ class RayEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalMlflowConfig:
-    enabled: bool = True
+    enabled: bool = True  # false: no evaluation run, tags or promotion (models:/ still read)
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or the embedded SQLite store
     experiment: str = "mast-eval"
 

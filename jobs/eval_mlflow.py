@@ -1,15 +1,22 @@
 """MLflow side of jobs.evaluate: the evaluation run, the model-version tags, alias promotion.
 
 - One evaluation run per invocation (experiment `mlflow.experiment`), tagged with the model
-  URI and, for registry URIs, the model name and version; metrics are also linked to the
-  version's LoggedModel (MLflow 3 `model_id`) so they show next to the model.
+  URI, the DAVIS set id and, for registry URIs, the model name and version; metrics are also
+  linked to the version's LoggedModel (MLflow 3 `model_id`) so they show next to the model.
 - Artifacts: the two official CSVs, a per-sequence table (per object, with Recall/Decay and
   frame counts), failures.json, and one picture per sequence (GT over prediction).
-- The version gets tags `davis.<split>.JF_mean`, `.J_mean`, `.F_mean`, `.scope`, `.run_id`.
-  `scope` is "full" when every sequence of the split was scored, else "partial n/N".
-- `--promote ALIAS` moves the alias only if this version's J&F on the split is strictly higher
-  than the holder's (both full-scope); the decision and its reason are tagged on the run and
-  the version.
+- A J&F is comparable only with one measured on the same data: the set id
+  (`jobs.evaluate.davis_set_id`, a content hash of the sequences' ground truth and the scoring
+  options) names it, since paths move and every DAVIS-format folder has a `val` split.
+- Only a full evaluation (every sequence of the split scored) is tagged on the version:
+  `davis.<split>.<set>.JF_mean`, `.J_mean`, `.F_mean`, `.run_id` (what promotion compares), and
+  `davis.<split>.JF_mean`, `.J_mean`, `.F_mean`, `.scope`, `.run_id`, `.set` for the latest full
+  evaluation on the split (for people and the demo table; promotion never reads them). A
+  partial evaluation ("partial n/N") stays in its run and never replaces a full result.
+- `--promote ALIAS` moves the alias only if this full evaluation's J&F is strictly higher than
+  the holder's on the same set. A holder without a score on this set keeps the alias (the
+  reason names the command that evaluates it on this set); a free alias is taken. The decision
+  and its reason are tagged on the run and the version.
 """
 
 from __future__ import annotations
@@ -38,7 +45,23 @@ def metric_key(measure: str) -> str:
 
 
 def version_tag(split: str, what: str) -> str:
+    """The latest full evaluation on `split`, whatever its set (display only)."""
     return f"davis.{split}.{what}"
+
+
+def set_tag(split: str, davis_set: str, what: str) -> str:
+    """A full evaluation on one set of data: the tags promotion compares."""
+    return f"davis.{split}.{davis_set}.{what}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """What a J&F was measured on, and how much of it was scored."""
+
+    split: str
+    davis_set: str  # jobs.evaluate.davis_set_id: equal ids = comparable numbers
+    scope: str  # "full" or "partial n/N"
+    davis_root: str = ""  # where it was found this time (for messages only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +132,7 @@ def log_evaluation(
         "mast.role": "evaluation",
         "model_uri": ref.uri,
         "davis.split": summary["split"],
+        "davis.set": summary["davis_set"],
         "davis.scope": summary["scope"],
         "davis.failed_sequences": str(len(summary["failed"])),
     }
@@ -168,17 +192,26 @@ def log_failed_run(tracking_uri: str, experiment: str, model_uri: str, error: st
 
 
 def tag_model_version(
-    client, ref: ModelRef, split: str, scores: dict[str, float], scope: str, run_id: str
+    client, ref: ModelRef, ev: EvalSet, scores: dict[str, float], run_id: str
 ) -> None:
+    """Record a full evaluation on the version; a partial one never replaces it."""
+    if ev.scope != "full":
+        log.info(
+            "evaluation scope is %s: the tags of %s version %s are left as they are "
+            "(the numbers are in run %s)", ev.scope, ref.name, ref.version, run_id,
+        )  # fmt: skip
+        return
     values = {
         "JF_mean": f"{scores['J&F-Mean']:.6f}",
         "J_mean": f"{scores['J-Mean']:.6f}",
         "F_mean": f"{scores['F-Mean']:.6f}",
-        "scope": scope,
         "run_id": run_id,
     }
-    for what, value in values.items():
-        client.set_model_version_tag(ref.name, ref.version, version_tag(split, what), value)
+    tags = {set_tag(ev.split, ev.davis_set, k): v for k, v in values.items()}
+    tags |= {version_tag(ev.split, k): v for k, v in values.items()}
+    tags |= {version_tag(ev.split, "scope"): "full", version_tag(ev.split, "set"): ev.davis_set}
+    for key, value in tags.items():
+        client.set_model_version_tag(ref.name, ref.version, key, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,51 +221,62 @@ class Promotion:
     reason: str
 
 
-def decide_promotion(
-    client, ref: ModelRef, alias: str, split: str, jf: float, scope: str
-) -> Promotion:
-    """Move `alias` to ref's version only if its J&F on `split` beats the current holder's."""
+def scored_sets(tags: dict[str, str], split: str) -> list[str]:
+    """Set ids with a full J&F on `split` among a version's tags."""
+    prefix, suffix = f"davis.{split}.", ".JF_mean"
+    middles = [
+        k[len(prefix) : -len(suffix)] for k in tags if k.startswith(prefix) and k.endswith(suffix)
+    ]
+    return sorted(m for m in middles if m and "." not in m)  # "" is the split-level tag
+
+
+def decide_promotion(client, ref: ModelRef, alias: str, ev: EvalSet, jf: float) -> Promotion:
+    """Move `alias` to ref's version only if its J&F beats the holder's on the same set."""
     from mlflow.exceptions import MlflowException
 
-    if scope != "full":
+    on = f"{ev.split} set {ev.davis_set}"
+    if ev.scope != "full":
         return Promotion(
-            alias, False, f"not promoted: evaluation scope is {scope}, not the full {split} split"
+            alias,
+            False,
+            f"not promoted: evaluation scope is {ev.scope}, not the full {ev.split} split",
         )
     try:
         holder = client.get_model_version_by_alias(ref.name, alias)
     except MlflowException:
         holder = None
     if holder is None:
-        return Promotion(alias, True, f"promoted: alias {alias} was free; J&F {jf:.4f} on {split}")
+        return Promotion(alias, True, f"promoted: alias {alias} was free; J&F {jf:.4f} on {on}")
     if str(holder.version) == ref.version:
         return Promotion(alias, False, f"unchanged: version {ref.version} already holds {alias}")
-    held = holder.tags.get(version_tag(split, "JF_mean"))
-    held_scope = holder.tags.get(version_tag(split, "scope"))
-    if held is None or held_scope != "full":
+    held = holder.tags.get(set_tag(ev.split, ev.davis_set, "JF_mean"))
+    if held is None:
+        others = ", ".join(scored_sets(holder.tags, ev.split)) or "none"
         return Promotion(
             alias,
             False,
-            f"not promoted: holder version {holder.version} has no full-{split} J&F "
-            f"(evaluate it first: jobs.evaluate --model models:/{ref.name}/{holder.version})",
+            f"not promoted: holder version {holder.version} has no full J&F on {on} (its "
+            f"{ev.split} sets: {others}); scores on other data are not "
+            f"comparable. Evaluate it on this set first: python -m jobs.evaluate --model "
+            f"models:/{ref.name}/{holder.version} --davis-root {ev.davis_root or 'ROOT'} "
+            f"--split {ev.split}",
         )
     if jf > float(held):
         return Promotion(
             alias,
             True,
-            f"promoted: J&F {jf:.4f} beats version {holder.version}'s {float(held):.4f} on {split}",
+            f"promoted: J&F {jf:.4f} beats version {holder.version}'s {float(held):.4f} on {on}",
         )
     return Promotion(
         alias,
         False,
-        f"not promoted: J&F {jf:.4f} does not beat version {holder.version}'s {float(held):.4f} on {split}",
+        f"not promoted: J&F {jf:.4f} does not beat version {holder.version}'s {float(held):.4f} on {on}",
     )
 
 
-def promote(
-    client, ref: ModelRef, alias: str, split: str, jf: float, scope: str, run_id: str
-) -> Promotion:
+def promote(client, ref: ModelRef, alias: str, ev: EvalSet, jf: float, run_id: str) -> Promotion:
     """Decide, move the alias if warranted, and record the decision on the run and version."""
-    decision = decide_promotion(client, ref, alias, split, jf, scope)
+    decision = decide_promotion(client, ref, alias, ev, jf)
     if decision.promoted:
         client.set_registered_model_alias(ref.name, alias, ref.version)
     client.set_tag(run_id, f"promotion.{alias}", decision.reason)

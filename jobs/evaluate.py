@@ -14,12 +14,22 @@ official CSVs (never reuses stale ones), logs an MLflow evaluation run linked to
 version, tags the version, optionally promotes an alias, and writes `summary.json` last as
 the completion marker. With `ray.enabled=false` the same per-sequence function runs in this
 process: the numbers are identical.
+
+MLflow: `mlflow.tracking_uri` (else $MLFLOW_TRACKING_URI, else the project's SQLite store) is
+where models:/ and runs:/ URIs are read from, also with `mlflow.enabled=false`, which only
+turns off logging the evaluation. Scores are tagged per DAVIS set (`davis_set_id`: a content
+hash of the scored sequences' ground truth and the scoring options), and `--promote` compares
+only full evaluations on the same set: if the alias holder has no score on this set, the alias
+stays and the log says which command evaluates the holder on it (jobs/eval_mlflow.py).
+
+Exit codes: 0 scored, 1 nothing could be scored, 2 could not run (a one-line `error: ...`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -29,7 +39,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jobs.config import config_help, load_config, to_dict
+from jobs.config import ConfigError, config_help, load_config, to_dict
 from jobs.davis_io import DavisError, atomic_path, read_split, write_results_csvs
 from jobs.davis_metrics import global_scores
 from jobs.eval_config import EvalConfig
@@ -42,16 +52,51 @@ class EvalError(RuntimeError):
     """The whole evaluation cannot run (unreadable model, no DAVIS root); says how to fix it."""
 
 
+def reads_registry(model_uri: str) -> bool:
+    return model_uri.startswith(("models:/", "runs:/"))
+
+
+def open_store(configured: str, model_uri: str) -> str:
+    """The tracking URI to read the model from and log to, checked before any work."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from jobs.tracking import TrackingError, check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(configured)
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None and db.is_absolute() and not db.is_file() and reads_registry(model_uri):
+        # Opening it would create an empty store and report "model not found" in it.
+        raise EvalError(
+            f"cannot load model {model_uri!r}: no MLflow store at {db} ({uri}); set "
+            "mlflow.tracking_uri=... or MLFLOW_TRACKING_URI to the store it was registered in"
+        )
+    try:
+        check_reachable(uri)
+        MlflowClient(uri, registry_uri=uri)  # refuses a scheme MLflow has no store for
+    except TrackingError as e:
+        raise EvalError(str(e)) from e
+    except MlflowException as e:
+        raise EvalError(
+            f"MLflow tracking URI {uri!r} is not a store MLflow can open; use "
+            "sqlite:////absolute/path/mlflow.db, http(s)://host:port or a database URL "
+            "(postgresql://, mysql://)"
+        ) from e
+    return uri
+
+
 def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
     """The checkpoint dict behind a models:/, runs:/ URI or a local checkpoint path."""
     from jobs.tracking import load_state
 
+    where = f" from the MLflow store {tracking_uri}" if reads_registry(uri) else ""
     try:
         return load_state(uri, tracking_uri or None)
     except Exception as e:  # noqa: BLE001 - registry, download and unpickling errors alike
         raise EvalError(
-            f"cannot load model {uri!r} ({type(e).__name__}: {e}); pass models:/name@alias, "
-            "models:/name/N, runs:/<run_id>/model or a checkpoint path written by jobs.train"
+            f"cannot load model {uri!r}{where} ({type(e).__name__}: {e}); pass "
+            "models:/name@alias, models:/name/N, runs:/<run_id>/model or a checkpoint path "
+            "written by jobs.train"
         ) from e
 
 
@@ -69,6 +114,18 @@ def resolve_sequences(root: str | Path, cfg: EvalConfig) -> tuple[list[str], int
     if not names:
         raise EvalError(f"no sequences to evaluate in {root} (split {cfg.split})")
     return names, len(split)
+
+
+def davis_set_id(root: str | Path, names: list[str], cfg: EvalConfig) -> str:
+    """12 hex digits naming what a J&F is measured on: the sequences, their ground-truth files
+    and the scoring options. Split names repeat across folders and paths move, so only scores
+    with equal ids are compared."""
+    digest = hashlib.sha256(f"ignore_void={cfg.ignore_void} bound_th={cfg.bound_th}\n".encode())
+    for name in sorted(names):
+        digest.update(f"{name}\n".encode())
+        for png in sorted((Path(root) / "Annotations" / cfg.resolution / name).glob("*.png")):
+            digest.update(png.name.encode() + hashlib.sha256(png.read_bytes()).digest())
+    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,12 +183,15 @@ def run_sequences(state, root, names, output, cfg: EvalConfig) -> list[SequenceR
 # Driver
 
 
-def summarise(results: list[SequenceResult], cfg: EvalConfig, root, split_size: int) -> dict:
+def summarise(
+    results: list[SequenceResult], cfg: EvalConfig, root, split_size: int, davis_set: str
+) -> dict:
     scored = [r for r in results if r.ok]
     full = not cfg.sequences and len(scored) == split_size and split_size > 0
     return {
         "split": cfg.split,
         "davis_root": str(Path(root).absolute()),
+        "davis_set": davis_set,
         "scored": len(scored),
         "requested": len(results),
         "scope": "full" if full else f"partial {len(scored)}/{split_size}",
@@ -154,14 +214,8 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
     output = Path(cfg.output).absolute()
     names, split_size = resolve_sequences(davis_root, cfg)
     tracking_uri = ""
-    if cfg.mlflow.enabled:
-        from jobs.tracking import TrackingError, check_reachable, resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
-        try:
-            check_reachable(tracking_uri)  # fail before the work, not after it
-        except TrackingError as e:
-            raise EvalError(str(e)) from e
+    if cfg.mlflow.enabled or reads_registry(model_uri):  # fail before the work, not after it
+        tracking_uri = open_store(cfg.mlflow.tracking_uri, model_uri)
     client = ref = None
     try:
         if cfg.mlflow.enabled:
@@ -192,7 +246,7 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
     output.mkdir(parents=True, exist_ok=True)
     (output / "summary.json").unlink(missing_ok=True)  # the marker goes last
     results = run_sequences(state, Path(davis_root).absolute(), names, output, cfg)
-    summary = summarise(results, cfg, davis_root, split_size)
+    summary = summarise(results, cfg, davis_root, split_size, davis_set_id(davis_root, names, cfg))
     objects = [o for r in results if r.ok for o in r.objects]
     scores = global_scores(objects) if objects else None
     artifacts = list(write_results_csvs(output, cfg.split, objects)) if objects else []
@@ -201,7 +255,7 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
             (output / csv).unlink(missing_ok=True)
     summary["scores"] = scores
     if cfg.mlflow.enabled:
-        from jobs.eval_mlflow import log_evaluation, tag_model_version
+        from jobs.eval_mlflow import EvalSet, log_evaluation, tag_model_version
         from jobs.eval_mlflow import promote as promote_alias
 
         overlays = [Path(r.overlay) for r in results if r.overlay]
@@ -210,11 +264,12 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
             summary=summary, scores=scores, objects=objects, artifacts=artifacts, overlays=overlays,
         )  # fmt: skip
         summary["mlflow_run_id"] = run_id
+        ev = EvalSet(cfg.split, summary["davis_set"], summary["scope"], summary["davis_root"])
         if ref.name and scores is not None:
-            tag_model_version(client, ref, cfg.split, scores, summary["scope"], run_id)
+            tag_model_version(client, ref, ev, scores, run_id)
         if promote:
             jf = scores["J&F-Mean"] if scores else float("-inf")
-            decision = promote_alias(client, ref, promote, cfg.split, jf, summary["scope"], run_id)
+            decision = promote_alias(client, ref, promote, ev, jf, run_id)
             summary["promotion"] = dataclasses.asdict(decision)
     report(summary)
     with atomic_path(output / "summary.json") as tmp:
@@ -282,13 +337,18 @@ def main(args: argparse.Namespace) -> dict:
     return evaluate(args.model, args.davis_root, cfg, promote=args.promote)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line's exit code; a job that cannot run prints one `error:` line."""
+    try:
+        result = main(parse_args(argv))
+    except (ConfigError, EvalError) as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)  # causes may wrap
+        return 2
+    return 0 if result["scores"] is not None else 1
+
+
 if __name__ == "__main__":
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        result = main(parse_args())
-    except EvalError as e:
-        log.error("%s", e)
-        sys.exit(2)
-    sys.exit(0 if result["scores"] is not None else 1)
+    sys.exit(cli())

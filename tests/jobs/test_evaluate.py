@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,8 +25,8 @@ from jobs.davis_io import (
 )
 from jobs.davis_metrics import evaluate_sequence
 from jobs.eval_config import EvalConfig
-from jobs.eval_mlflow import ModelRef, decide_promotion, version_tag
-from jobs.evaluate import EvalError, evaluate, main, parse_args
+from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion, set_tag, version_tag
+from jobs.evaluate import EvalError, cli, davis_set_id, evaluate, main, parse_args
 from model import MAST
 from pipeline.davis_sample import SampleConfig, generate
 
@@ -148,6 +150,37 @@ def test_unreadable_model(davis_root, tmp_path):
         evaluate(str(bad), tmp_path / "no-such-root", local_cfg(tmp_path / "out"))
 
 
+def test_bad_config_and_store_give_one_line_errors(davis_root, tmp_path, capsys):
+    base = ["--model", "models:/mast/14", "--davis-root", str(davis_root), "ray.enabled=false"]
+    cases = {
+        "propagation.radiuss=4": "unknown config key propagation.radiuss",
+        "propagation.radius=abc": "propagation.radius must be an integer",
+        "--config=/nonexistent.yaml": "config file /nonexistent.yaml does not exist",
+        "mlflow.tracking_uri=foo://bar": "'foo://bar'",
+    }
+    for arg, message in cases.items():
+        assert cli([*base, arg]) == 2, arg
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    # The real command line: no traceback.
+    cmd = [sys.executable, "-m", "jobs.evaluate", *base, "propagation.radiuss=4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "error: unknown config key propagation.radiuss" in done.stderr
+
+
+def test_davis_set_id_follows_the_ground_truth_not_the_path(davis_root, tmp_path):
+    cfg = local_cfg(tmp_path)
+    moved = shutil.copytree(davis_root, tmp_path / "moved")
+    assert davis_set_id(moved, GOOD, cfg) == davis_set_id(davis_root, GOOD, cfg)
+    assert davis_set_id(davis_root, GOOD[::-1], cfg) == davis_set_id(davis_root, GOOD, cfg)
+    assert davis_set_id(davis_root, GOOD[:1], cfg) != davis_set_id(davis_root, GOOD, cfg)
+    ignore_void = local_cfg(tmp_path, "ignore_void=true")
+    assert davis_set_id(davis_root, GOOD, ignore_void) != davis_set_id(davis_root, GOOD, cfg)
+    write_mask(moved / "Annotations" / "480p" / GOOD[1] / "00004.png", np.zeros((48, 64), np.uint8))
+    assert davis_set_id(moved, GOOD, cfg) != davis_set_id(davis_root, GOOD, cfg)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_tasks_give_the_same_results_as_a_sequential_run(davis_root, checkpoint, tmp_path):
@@ -240,6 +273,66 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     assert reason == second["promotion"]["reason"] and (
         "beats" in reason or "does not beat" in reason
     )
+    davis_set = first["davis_set"]
+    assert second["davis_set"] == davis_set
+    assert v1.tags[set_tag("val", davis_set, "JF_mean")] == v1.tags[version_tag("val", "JF_mean")]
+    assert v1.tags[version_tag("val", "set")] == davis_set
+
+    # A partial evaluation neither replaces the version's full numbers nor promotes.
+    loser = "1" if beats else "2"
+    before = client.get_model_version("mast-eval-test", loser).tags
+    partial_args = [a.replace("mast-eval-test/1", f"mast-eval-test/{loser}") for a in args]
+    partial = main(parse_args([*partial_args, "--sequences", GOOD[0]]))
+    assert partial["scope"] == "partial 1/2" and not partial["promotion"]["promoted"]
+    after = client.get_model_version("mast-eval-test", loser).tags
+    assert {k: v for k, v in after.items() if k.startswith("davis.")} == {
+        k: v for k, v in before.items() if k.startswith("davis.")
+    }
+
+    # Scores on other data (another root, one annotation changed) are not compared with the
+    # holder's: it has none on that set, so the alias stays and the reason says why.
+    other = shutil.copytree(davis_root, tmp_path / "other")
+    write_mask(other / "Annotations" / "480p" / GOOD[1] / "00004.png", np.zeros((48, 64), np.uint8))
+    other_args = [a.replace(str(davis_root), str(other)) for a in partial_args]
+    third = main(parse_args(other_args))
+    assert third["scope"] == "full" and third["davis_set"] != davis_set
+    assert not third["promotion"]["promoted"]
+    assert (
+        f"has no full J&F on val set {third['davis_set']} (its val sets: {davis_set})"
+        in (third["promotion"]["reason"])
+    )
+    assert str(client.get_model_version_by_alias("mast-eval-test", "champion").version) == holder
+    tags = client.get_model_version("mast-eval-test", loser).tags
+    assert float(tags[set_tag("val", third["davis_set"], "JF_mean")]) == pytest.approx(
+        third["scores"]["J&F-Mean"], abs=1e-6
+    )
+    assert (
+        tags[set_tag("val", davis_set, "JF_mean")] == before[set_tag("val", davis_set, "JF_mean")]
+    )
+
+
+def test_models_load_from_the_given_store_with_logging_off(
+    davis_root, registry, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MAST_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = [
+        "--model", "models:/mast-eval-test/1", "--davis-root", str(davis_root),
+        "--output", str(tmp_path / "out"), "--sequences", GOOD[0], "ray.enabled=false",
+        "propagation.radius=4", "mlflow.enabled=false", f"mlflow.tracking_uri={registry}",
+    ]  # fmt: skip
+    summary = main(parse_args(args))
+    assert summary["scores"] is not None and "mlflow_run_id" not in summary
+    assert not (tmp_path / "runs").exists()  # the default store was not created
+    with pytest.raises(
+        EvalError,
+        match=f"cannot load model 'models:/nope/1' from the MLflow store {registry} .*nope",
+    ):
+        main(parse_args([a.replace("mast-eval-test/1", "nope/1") for a in args]))
+    missing = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    with pytest.raises(EvalError, match="no MLflow store at .*elsewhere/mlflow.db"):
+        main(parse_args([*args[:-1], f"mlflow.tracking_uri={missing}"]))
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_promotion_decisions(registry):
@@ -247,16 +340,26 @@ def test_promotion_decisions(registry):
     name = "mast-eval-test"
     client.set_registered_model_alias(name, "gold", "1")
     ref = ModelRef("models:/mast-eval-test/2", name, "2")
-    client.set_model_version_tag(name, "1", version_tag("test-dev", "JF_mean"), "0.5")
+    client.set_model_version_tag(name, "1", set_tag("test-dev", "aaaa", "JF_mean"), "0.5")
+    # The split-level tags (latest full evaluation, any set) are never compared.
+    client.set_model_version_tag(name, "1", version_tag("test-dev", "JF_mean"), "0.1")
     client.set_model_version_tag(name, "1", version_tag("test-dev", "scope"), "full")
-    assert decide_promotion(client, ref, "gold", "test-dev", 0.6, "full").promoted
-    tie = decide_promotion(client, ref, "gold", "test-dev", 0.5, "full")
-    assert not tie.promoted and "does not beat version 1's 0.5000" in tie.reason
-    partial = decide_promotion(client, ref, "gold", "test-dev", 0.9, "partial 1/2")
+    on_a = EvalSet("test-dev", "aaaa", "full")
+    assert decide_promotion(client, ref, "gold", on_a, 0.6).promoted
+    tie = decide_promotion(client, ref, "gold", on_a, 0.5)
+    assert (
+        not tie.promoted and "does not beat version 1's 0.5000 on test-dev set aaaa" in tie.reason
+    )
+    partial = decide_promotion(client, ref, "gold", EvalSet("test-dev", "aaaa", "partial 1/2"), 0.9)
     assert not partial.promoted and "partial 1/2" in partial.reason
-    unknown = decide_promotion(client, ref, "gold", "train", 0.9, "full")
-    assert not unknown.promoted and "has no full-train J&F" in unknown.reason
-    same = decide_promotion(client, ModelRef("x", name, "1"), "gold", "test-dev", 0.9, "full")
+    on_b = EvalSet("test-dev", "bbbb", "full", "/data/B")
+    other = decide_promotion(client, ref, "gold", on_b, 0.9)
+    assert not other.promoted
+    assert "has no full J&F on test-dev set bbbb (its test-dev sets: aaaa)" in other.reason
+    assert "--model models:/mast-eval-test/1 --davis-root /data/B --split test-dev" in other.reason
+    unknown = decide_promotion(client, ref, "gold", EvalSet("train", "aaaa", "full"), 0.9)
+    assert not unknown.promoted and "(its train sets: none)" in unknown.reason
+    same = decide_promotion(client, ModelRef("x", name, "1"), "gold", on_a, 0.9)
     assert not same.promoted and "already holds" in same.reason
 
 
