@@ -18,9 +18,9 @@ Two modes:
   exactly N steps; no DDP hang on uneven shards). Seeded by (seed, rank, start_step, worker)
   so a resumed run continues with fresh data.
 - `make_epoch_loader` (not resampled): the manifest's samples are split into `world_size`
-  contiguous ranges differing by at most one; shorter ranges are padded by repeating their
-  first samples, so every rank yields ceil(N / world_size) samples in ceil(that / B) batches,
-  and the ranks together see every sample at least once.
+  contiguous ranges differing by at most one; shorter ranges are padded with the samples
+  that follow them (wrapping around), so every rank yields ceil(N / world_size) samples in
+  ceil(that / B) batches, and the ranks together see every sample at least once.
 
 Per (rank, DataLoader worker) the stream is a `wds.DataPipeline`: shard source (above) ->
 WebDataset's tar reader and key grouping -> `wds.shuffle` over `shuffle_buffer`
@@ -33,14 +33,18 @@ dividing shard reads and decodes per sample by k (bench/loader.py: k = 4 keeps o
 feed under 100 MB/s and 4 CPUs).
 
 Corrupt shards (unreadable tar, duplicate members, or fewer samples than the manifest says)
-and corrupt clips are skipped with a warning and counted in `loader.stats` (shared across
-DataLoader workers); the epoch loader pads the batches that a corrupt shard leaves short, so
-the batch count stays equal on every rank.
+and corrupt clips (undecodable, or bytes that differ from the record's `clip_sha256`) are
+skipped with a warning and counted in `loader.stats` (shared across DataLoader workers;
+`corrupt_shards` counts reads, so a resampled stream counts a bad shard each time it draws
+it); the epoch loader pads the batches that corrupt data leaves short, from other shards when
+a rank's whole share is unreadable, so the batch count stays equal on every rank. A manifest
+whose clip layout cannot serve the stage is refused when the loader is made.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -59,7 +63,7 @@ from model.colour import normalise_lab
 from pipeline import storage
 from pipeline.codec import CLIP_EXTENSIONS, ClipDecodeError, decode_clip
 from pipeline.config import LoaderConfig
-from pipeline.samples import UnusableClip, make_sample
+from pipeline.samples import UnusableClip, make_sample, select_frames
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +73,15 @@ COUNTERS = ("samples", "corrupt_shards", "corrupt_samples", "unusable_samples", 
 SHARD_ERRORS = (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError)
 
 
-def resolve_source(source: str | list[str]) -> tuple[list[str], list[int] | None]:
-    """(shard URLs, samples per shard or None) from a manifest, a brace pattern or a list."""
+def resolve_source(
+    source: str | list[str], cfg: LoaderConfig | None = None
+) -> tuple[list[str], list[int] | None]:
+    """(shard URLs, samples per shard or None) from a manifest, a brace pattern or a list.
+    With `cfg`, a manifest's clip layout is checked against the stage first (`check_layout`)."""
     if isinstance(source, str) and source.endswith(".json"):
         manifest = json.loads(storage.read_text(source))
+        if cfg is not None:
+            check_layout(manifest, cfg, source)
         base = posixpath.dirname(source)
         urls = [
             n if "://" in n or n.startswith("/") else storage.join(base, n)
@@ -84,6 +93,23 @@ def resolve_source(source: str | list[str]) -> tuple[list[str], list[int] | None
 
         return list(braceexpand.braceexpand(source)), None
     return list(source), None
+
+
+def check_layout(manifest: dict[str, Any], cfg: LoaderConfig, source: str) -> None:
+    """Raise UnusableClip, naming the fix, when the manifest's clips (frame offsets, size)
+    cannot serve `cfg.stage`: otherwise every sample would be skipped one by one (an epoch
+    of nothing, or a rank without batches while the others train)."""
+    offsets, size = manifest.get("frame_offsets"), manifest.get("size")
+    try:
+        if offsets:
+            select_frames(list(offsets), cfg, np.random.default_rng(0))
+        if size and cfg.crop_size and min(size) < cfg.crop_size:
+            raise UnusableClip(
+                f"stored clips are {size[0]}x{size[1]}, smaller than loader.crop_size="
+                f"{cfg.crop_size}; lower crop_size or ingest with a larger size"
+            )
+    except UnusableClip as e:
+        raise UnusableClip(f"{source} cannot serve stage {cfg.stage!r}: {e}") from None
 
 
 def iter_shard(url: str) -> Iterator[tuple[str, dict[str, Any], str, bytes]]:
@@ -156,9 +182,10 @@ class ClipStream(IterableDataset):
                     counts.append(0)
         total = sum(counts)
         per_rank = -(-total // self.world_size)
-        lo, hi = self.rank * total // self.world_size, (self.rank + 1) * total // self.world_size
-        mine = list(range(lo, hi))
-        mine += [mine[i % len(mine)] for i in range(per_rank - len(mine))] if mine else []
+        # Ranges differ by at most one sample; a short one is padded with the samples after
+        # it (wrapping around), also when fewer samples than ranks leave it empty.
+        lo = self.rank * total // self.world_size
+        mine = [g % total for g in range(lo, lo + per_rank)] if total else []
         starts = np.cumsum([0, *counts])
         pieces: dict[int, list[int]] = {}
         for g in mine:
@@ -193,6 +220,23 @@ class ClipStream(IterableDataset):
         if expected is not None and read < expected:
             self._count("corrupt_shards")
             log.warning("corrupt shard %s: ended after %d of %d samples", url, read, expected)
+
+    def spare_samples(self, n: int) -> list[dict[str, Any]]:
+        """Up to `n` samples from any shard, for a rank whose own share gave none: it must
+        still yield its batches, or DDP hangs. Raises if no shard gives one."""
+        spare: list[dict[str, Any]] = []
+        nprng = np.random.default_rng([self.seed, self.rank, self.start_step])
+        for url in self.urls:
+            for sample in self._decoded(self._samples(url, None), nprng, per_clip=1):
+                spare.append(sample)
+                if len(spare) == n:
+                    return spare
+        if not spare:
+            raise RuntimeError(
+                f"no usable sample in any of {len(self.urls)} shards for stage "
+                f"{self.cfg.stage!r} (see the warnings above); check the shards and the stage"
+            )
+        return spare
 
     def _raw(self, rng: random.Random) -> Iterator[tuple[str, Any, str, bytes]]:
         worker, workers = self._worker()
@@ -236,6 +280,10 @@ class ClipStream(IterableDataset):
         unusable = 0
         for key, record, ext, data in items:
             try:
+                # JPEG decoders accept damaged data (libjpeg only warns on stderr): the
+                # checksum ingest records (since clip_sha256 exists) catches it.
+                if record.get("clip_sha256", "") not in ("", hashlib.sha256(data).hexdigest()):
+                    raise ClipDecodeError(f"{ext} bytes do not match the clip_sha256 recorded")
                 lab = decode_clip(ext, data, len(record["frame_indices"]))
             except ClipDecodeError as e:
                 self._count("corrupt_samples")
@@ -315,7 +363,9 @@ class TrainLoader:
             if len(batch) == B or remaining == 0:
                 yield collate(batch)
                 batch = []
-        if remaining and pool:
+        if remaining and not pool:  # all of this rank's share was corrupt or unusable
+            pool = self.stream.spare_samples(B)
+        if remaining:
             log.warning("epoch short by %d samples (corrupt data); padding with repeats", remaining)
             self.stream._count("padded", remaining)
             while remaining:
@@ -328,7 +378,7 @@ class TrainLoader:
 
 def _make_loader(source: str | list[str], cfg: LoaderConfig, **stream_args: Any) -> TrainLoader:
     """The loader of both factories: `stream_args` are ClipStream's keyword arguments."""
-    urls, counts = resolve_source(source)
+    urls, counts = resolve_source(source, cfg)
     return TrainLoader(ClipStream(urls, counts, cfg, **stream_args), cfg)
 
 

@@ -384,6 +384,8 @@ def _video_members(url: str, cfg: IngestConfig, entry: dict[str, Any]) -> Member
                     "fps": info.fps, "original_size": [info.height, info.width],
                     "rotation": info.rotation, "num_source_frames": info.num_frames,
                     "shape": list(lab.shape), "storage": cfg.storage, "dtype": cfg.dtype,
+                    # JPEG decoders accept damaged bytes: the loader checks clips against it.
+                    "clip_sha256": hashlib.sha256(data).hexdigest(),
                 }  # fmt: skip
                 entry["clips"] += 1
                 yield f"{key}.json", json.dumps(record, sort_keys=True).encode()

@@ -9,6 +9,7 @@ import logging
 import shutil
 import tarfile
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -89,6 +90,32 @@ def test_epoch_two_ranks_equal_batches_full_coverage(shards):
     # ceil(17 / 2) = 9 samples per rank -> 3 batches of 4, 4, 1 on both ranks.
     assert counts == [(3, 3), (3, 3)]
     assert len(seen) == 18 and set(seen) == set(stored)  # every sample, one padded repeat
+
+
+def test_epoch_batches_stay_equal_with_fewer_samples_than_ranks_or_a_rank_all_corrupt(
+    shards, tmp_path
+):
+    # Both used to leave a rank with no batch at all while the others trained: a DDP hang.
+    dst, manifest, stored = shards
+    one = [str(dst / "shard-000003.tar")]  # 1 sample, 3 ranks
+    got = [list(make_epoch_loader(one, _cfg(), rank=r, world_size=3, seed=0)) for r in range(3)]
+    assert [len(b) for b in got] == [1, 1, 1] and all(len(b[0]["keys"]) == 1 for b in got)
+    # Shards of 2 and 8 samples over 5 ranks: rank 0's whole share, the 2-sample shard, is
+    # unreadable; it pads from the other shard.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(dst / "shard-000002.tar", bad / "shard-000002.tar")
+    (bad / "shard-000000.tar").write_bytes(b"")
+    subset = {"shards": ["shard-000000.tar", "shard-000002.tar"], "samples_per_shard": [2, 8]}
+    (bad / "manifest.json").write_text(json.dumps({**manifest, **subset, "num_samples": 10}))
+    epochs = [
+        make_epoch_loader(str(bad / "manifest.json"), _cfg(), rank=r, world_size=5, seed=0)
+        for r in range(2)
+    ]
+    got = [list(e) for e in epochs]
+    assert [len(b) for b in got] == [len(e) for e in epochs] == [1, 1]
+    assert [len(b[0]["keys"]) for b in got] == [2, 2]
+    assert epochs[0].stats["corrupt_shards"] >= 1 and epochs[0].stats["padded"] == 2
 
 
 def test_resampled_is_infinite_seeded_and_rank_specific(shards):
@@ -224,12 +251,26 @@ def test_demo_and_stage_ingest_configs_serve_their_stages(stage, refs):
             assert all(sum(x > 15 for x in g) == refs.get("num_long_refs", 0) for g in gaps)
 
 
-def test_dynamic_loader_on_short_clips_fails_loudly(shards):
+def test_clips_that_cannot_serve_the_stage_fail_loudly(shards):
+    # Clips of span 9 hold no reference 15+ frames back. From a manifest: refused when the
+    # loader is made, in both modes (an epoch loader used to yield nothing, silently).
     dst, _, _ = shards
-    loader = make_train_loader(str(dst / "manifest.json"), _cfg(stage="dynamic"),
-                               rank=0, world_size=1, seed=0)  # fmt: skip
-    with pytest.raises(UnusableClip, match="Ingest with configs/ingest/dynamic.yaml"):
+    manifest, fix = str(dst / "manifest.json"), "Ingest with configs/ingest/dynamic.yaml"
+    for make in (make_train_loader, make_epoch_loader):
+        with pytest.raises(
+            UnusableClip, match=f"manifest.json cannot serve stage 'dynamic'.*{fix}"
+        ):
+            make(manifest, _cfg(stage="dynamic"), rank=0, world_size=2, seed=0)
+    with pytest.raises(UnusableClip, match="32x32, smaller than loader.crop_size=64"):
+        make_train_loader(manifest, _cfg(crop_size=64), rank=0, world_size=1, seed=0)
+    # From shard URLs: found while reading; no rank ends an epoch without its batches.
+    urls = sorted(str(p) for p in dst.glob("shard-*.tar"))
+    loader = make_train_loader(urls, _cfg(stage="dynamic"), rank=0, world_size=1, seed=0)
+    with pytest.raises(UnusableClip, match=fix):
         next(iter(loader))
+    epoch = make_epoch_loader(urls, _cfg(stage="dynamic"), rank=1, world_size=2, seed=0)
+    with pytest.raises(RuntimeError, match="no usable sample in any of 5 shards"):
+        list(epoch)
 
 
 def test_corrupt_shards_are_skipped_counted_and_batches_stay_equal(shards, tmp_path, caplog):
@@ -257,6 +298,28 @@ def test_corrupt_shards_are_skipped_counted_and_batches_stay_equal(shards, tmp_p
         if rank == 1:
             assert epoch.stats["corrupt_shards"] >= 1 and epoch.stats["padded"] > 0
     assert lens[0] == lens[1] == (3, 3, 9)
+
+
+def test_damaged_clip_bytes_that_still_decode_are_caught_by_their_checksum(shards, tmp_path):
+    # 200 bytes overwritten inside a JPEG's entropy-coded data: OpenCV decodes garbage (libjpeg
+    # only warns on stderr). The record's clip_sha256 catches it: skipped, warned, counted.
+    dst, manifest, stored = shards
+    with tarfile.open(dst / "shard-000001.tar") as tar:
+        members = [(m.name, bytearray(tar.extractfile(m).read())) for m in tar.getmembers()]
+    name, data = members[1]
+    assert name.endswith(".lab.jpg") and json.loads(members[0][1])["clip_sha256"]
+    data[len(data) // 2 : len(data) // 2 + 200] = bytes(200)
+    assert cv2.imdecode(np.frombuffer(bytes(data), np.uint8), cv2.IMREAD_GRAYSCALE) is not None
+    damaged = tmp_path / "shard-000001.tar"
+    with tarfile.open(damaged, "w") as tar:
+        for member, payload in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(bytes(payload)))
+    loader = make_epoch_loader([str(damaged)], _cfg(), rank=0, world_size=1, seed=0)
+    keys = [k for b in loader for k in b["keys"]]
+    assert len(keys) == 4 and name.split(".")[0] not in keys  # 3 good ones, 1 padded repeat
+    assert loader.stats["corrupt_samples"] == 1 and loader.stats["padded"] == 1
 
 
 def test_malformed_samples_make_a_corrupt_shard(shards, tmp_path):
