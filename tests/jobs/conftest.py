@@ -22,7 +22,7 @@ def sample_videos_dir() -> Path:
 def train_shards(tmp_path_factory) -> Path:
     """manifest.json of 64x64 shards from the three sample videos, usable by every stage.
 
-    The dynamic-stage clip layout (frames 0, 4, 8, 20, 24, 26, 28, 29) also holds pairs 2/5/8
+    The dynamic-stage clip layout (frames 0, 15, 30, 41, 44, 46, 48, 49) also holds pairs 2/5/8
     apart (pretrain) and 4 short-term references of the last frame (main).
     """
     videos = tmp_path_factory.mktemp("train_videos")

@@ -16,6 +16,7 @@ import torch
 
 from jobs.config import ConfigError, from_dict, to_dict
 from model.colour import normalise_lab
+from model.memory import roi_dilation
 from pipeline.codec import ClipDecodeError, decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import collate, iter_shard, make_epoch_loader, make_train_loader
@@ -215,12 +216,15 @@ def test_pair_gap_probabilities():
 def test_memory_stages_select_short_and_long_term_references():
     rng = np.random.default_rng(1)
     dynamic = _cfg(stage="dynamic", num_short_refs=3, num_long_refs=2)
-    offsets = [0, 4, 8, 20, 24, 26, 28, 29]  # configs/ingest/dynamic.yaml
+    offsets = [0, 15, 30, 41, 44, 46, 48, 49]  # configs/ingest/dynamic.yaml
+    dilations = set()
     for _ in range(50):
         order, gaps = select_frames(offsets, dynamic, rng)
         assert len(order) == 6 and order == sorted(order)
         assert all(g > 15 for g in gaps[:2]) and all(0 < g <= 15 for g in gaps[2:])
         assert gaps == [offsets[order[-1]] - offsets[i] for i in order[:-1]]
+        dilations.update(roi_dilation(g) for g in gaps[:2])
+    assert dilations == {2, 3, 4}  # all three coarse dilations DAVIS is read with
     main = _cfg(stage="main", num_short_refs=3)
     for _ in range(50):
         order, gaps = select_frames(list(range(0, 16, 2)), main, rng)
