@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch first and pinned: 2.13.0 is the CPU wheel; a bare `torch` pulls a multi-GB CUDA build.
+# torch first and pinned: on this project's machines pip finds the 2.13.0 CPU wheel locally; a
+# bare `torch` pulls a multi-GB CUDA build. Elsewhere PyPI's Linux torch==2.13.0 is the CUDA
+# build too: add --index-url https://download.pytorch.org/whl/cpu for the CPU one.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

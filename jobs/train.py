@@ -58,6 +58,8 @@ from jobs.tracking import (
 )
 from jobs.train_config import TrainConfig, load_stage_configs
 from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
+from pipeline.loader import check_layout
+from pipeline.samples import UnusableClip
 from pipeline.storage import atomic_write_bytes
 
 log = logging.getLogger("jobs.train")
@@ -80,6 +82,8 @@ class DataInfo:
     num_samples: int  # in the readable shards; -1 when shard URLs were given (unknown)
     skipped: list[str]  # "shard: reason" of corrupt shards, recorded
     manifest_hash: str  # the manifest's own content hash
+    # What a sample holds, from the manifest (frame_offsets, size): {} for shard URLs.
+    layout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def data_tags(data: DataInfo) -> dict[str, str]:
@@ -172,8 +176,11 @@ def describe_data(data: str) -> DataInfo:
         content_hash = hashlib.sha256(text.encode()).hexdigest()
     # The manifest itself when every shard is usable: the loader then weights shards by size.
     source = path if (path.endswith(".json") and not skipped) else shards
+    layout = {}
+    if path.endswith(".json"):  # a manifest, read above
+        layout = {k: manifest[k] for k in ("frame_offsets", "size") if k in manifest}
     return DataInfo(
-        data, shards, source, content_hash or "unknown", num_samples, skipped, manifest_hash
+        data, shards, source, content_hash or "unknown", num_samples, skipped, manifest_hash, layout
     )
 
 
@@ -217,6 +224,16 @@ def _read_manifest(path: str, remote: bool) -> dict[str, Any]:
 
 def _stage_dir(cfg: TrainConfig, run_name: str) -> Path:
     return Path(cfg.storage_path) / f"{run_name}-{cfg.stage}"
+
+
+def check_layouts(cfgs: list[TrainConfig], data: DataInfo) -> None:
+    """Every stage can draw its samples from the data's clips (the manifest says how they are
+    laid out): a stage that cannot would otherwise fail only when it starts, maybe days in."""
+    for cfg in cfgs:
+        try:
+            check_layout(data.layout, cfg.loader, data.uri)
+        except UnusableClip as e:
+            raise ConfigError(str(e)) from None
 
 
 def check_same_data(cfgs: list[TrainConfig], run_name: str, data: DataInfo) -> None:
@@ -411,6 +428,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     cfgs = load_stage_configs(args.config, stages, overrides)
     first = cfgs[0]
     data = describe_data(first.data)
+    check_layouts(cfgs, data)
     uri = resolve_tracking_uri(first.mlflow.tracking_uri)
     check_reachable(uri)
     run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")

@@ -356,7 +356,7 @@ def test_dockerfile_builds_the_extension_then_ships_a_slim_runtime():
     runs = [i for i, line in enumerate(build) if line.startswith("RUN ")]
     torch_at = next(i for i in runs if 'pip install "torch==${TORCH_VERSION}"' in build[i])
     scs_at = next(i for i in runs if "spatial-correlation-sampler" in build[i])
-    project_at = next(i for i in runs if '".[cuda]"' in build[i])
+    project_at = next(i for i in runs if '".[cuda,cloud]"' in build[i])
     assert torch_at < scs_at < project_at, "torch first, then the extension, then the project"
     assert "--no-build-isolation" in build[scs_at] and "PIP_CONSTRAINT" in " ".join(build)
     assert any(line.startswith("COPY --from=build /opt/venv") for line in runtime)
@@ -451,3 +451,40 @@ def test_infra_readme_covers_every_file():
                 f"README.md does not mention {path}"
             )
     assert os.path.getsize(INFRA / "README.md") > 1000
+
+
+def test_every_module_the_jobs_import_is_installed_by_the_project():
+    # The image installs the project with its cuda and cloud extras, not dev: a module that
+    # only dev pulls in (as PyAV once was: the ingest probe of every video) breaks every job
+    # there while every test passes here.
+    import ast
+    import importlib.metadata as md
+    import sys
+
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    shipped = meta["dependencies"] + [
+        r for x in ("cuda", "cloud") for r in meta["optional-dependencies"][x]
+    ]
+    names = {re.split(r"[<>=\[ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in shipped}
+    for dist in list(names):  # what they pull in (one level) is installed too
+        try:
+            names |= {
+                re.split(r"[<>=\[ ;(]", r, maxsplit=1)[0].lower() for r in md.requires(dist) or []
+            }
+        except md.PackageNotFoundError:
+            pass
+    imported = set()
+    for package in ("pipeline", "model", "jobs"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    imported.add(node.module.split(".")[0])
+    dists = md.packages_distributions()
+    for module in sorted(imported - set(sys.stdlib_module_names) - {"pipeline", "model", "jobs"}):
+        provided = {d.lower() for d in dists.get(module, [module.replace("_", "-")])}
+        assert provided & names, f"{module} ({provided}) is imported but not a dependency"
+    assert {"s3fs", "gcsfs"} <= names  # fsspec loads them by URL scheme, never imported by name

@@ -150,6 +150,19 @@ def test_bad_data_is_reported_clearly(tmp_path, train_shards):
             describe_data(str(wrong))
 
 
+def test_a_stage_the_clips_cannot_serve_is_refused_before_any_work(tmp_path, train_shards):
+    # Shards with pretrain's layout (9 consecutive frames) have no reference 15+ frames back:
+    # the dynamic stage would fail only when it starts, after pretrain and main have trained.
+    data = tmp_path / "shards"
+    shutil.copytree(train_shards.parent, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "frame_offsets": list(range(9))}))
+    refused = "cannot serve stage 'dynamic'.*Ingest with configs/ingest/dynamic.yaml"
+    with pytest.raises(ConfigError, match=refused):
+        main(_args(tmp_path, data / "manifest.json", stages="pretrain,main,dynamic"))
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow").exists()
+
+
 def test_unreachable_tracking_fails_before_any_work(tmp_path, train_shards):
     args = _args(tmp_path, train_shards, "mlflow.tracking_uri=http://127.0.0.1:9")
     with pytest.raises(TrackingError, match="unreachable"):
