@@ -75,7 +75,9 @@ class TrainingError(RuntimeError):
 class DataInfo:
     uri: str  # what the user gave (manifest or shards)
     shards: list[str]  # readable shard URLs
-    source: str | list[str]  # what the loader gets: the manifest, or the readable shards
+    # What the loader gets: the manifest, {"manifest", "exclude"} when shards were skipped, or
+    # the readable shard URLs.
+    source: str | list[str] | dict[str, Any]
     # Of what is trained on: the manifest's content hash, or with skipped shards a hash of it
     # and their names (lineage and the same-data resume check see the difference).
     content_hash: str
@@ -174,8 +176,10 @@ def describe_data(data: str) -> DataInfo:
     if skipped:  # names, not paths: the same data copied elsewhere keeps its hash
         text = "\n".join([manifest_hash, *sorted(skipped_names)])
         content_hash = hashlib.sha256(text.encode()).hexdigest()
-    # The manifest itself when every shard is usable: the loader then weights shards by size.
-    source = path if (path.endswith(".json") and not skipped) else shards
+    # The manifest (less any corrupt shards): the loader then weights shards by their counts.
+    source: str | list[str] | dict[str, Any] = shards
+    if path.endswith(".json"):
+        source = {"manifest": path, "exclude": skipped_names} if skipped else path
     layout = {}
     if path.endswith(".json"):  # a manifest, read above
         layout = {k: manifest[k] for k in ("frame_offsets", "size") if k in manifest}

@@ -73,11 +73,21 @@ COUNTERS = ("samples", "corrupt_shards", "corrupt_samples", "unusable_samples", 
 SHARD_ERRORS = (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError)
 
 
+Source = str | list[str] | dict[str, Any]
+
+
 def resolve_source(
-    source: str | list[str], cfg: LoaderConfig | None = None
+    source: Source, cfg: LoaderConfig | None = None
 ) -> tuple[list[str], list[int] | None]:
-    """(shard URLs, samples per shard or None) from a manifest, a brace pattern or a list.
-    With `cfg`, a manifest's clip layout is checked against the stage first (`check_layout`)."""
+    """(shard URLs, samples per shard or None) from a manifest, a brace pattern, a list, or
+    {"manifest": path, "exclude": [shard file names]} (a manifest less its corrupt shards,
+    which keeps the sample counts that weight shards). With `cfg`, a manifest's clip layout is
+    checked against the stage first (`check_layout`)."""
+    if isinstance(source, dict):
+        urls, counts = resolve_source(source["manifest"], cfg)
+        drop = set(source.get("exclude", ()))
+        kept = [(u, c) for u, c in zip(urls, counts or []) if u.rsplit("/", 1)[-1] not in drop]
+        return [u for u, _ in kept], [c for _, c in kept]
     if isinstance(source, str) and source.endswith(".json"):
         manifest = json.loads(storage.read_text(source))
         if cfg is not None:
@@ -376,14 +386,14 @@ class TrainLoader:
                     batch = []
 
 
-def _make_loader(source: str | list[str], cfg: LoaderConfig, **stream_args: Any) -> TrainLoader:
+def _make_loader(source: Source, cfg: LoaderConfig, **stream_args: Any) -> TrainLoader:
     """The loader of both factories: `stream_args` are ClipStream's keyword arguments."""
     urls, counts = resolve_source(source, cfg)
     return TrainLoader(ClipStream(urls, counts, cfg, **stream_args), cfg)
 
 
 def make_train_loader(
-    source: str | list[str],
+    source: Source,
     cfg: LoaderConfig,
     *,
     rank: int,
@@ -402,7 +412,7 @@ def make_train_loader(
 
 
 def make_epoch_loader(
-    source: str | list[str],
+    source: Source,
     cfg: LoaderConfig,
     *,
     rank: int,

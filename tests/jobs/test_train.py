@@ -18,6 +18,7 @@ from jobs.tracking import TrackingError, load_example, load_model, run_example
 from jobs.train import TrainingError, describe_data, main, parse_args
 from jobs.train_config import load_stage_configs
 from jobs.train_loop import build_optimizer
+from pipeline.loader import resolve_source
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs/train/demo.yaml")
@@ -121,7 +122,10 @@ def test_bad_data_is_reported_clearly(tmp_path, train_shards):
     shards[0].write_bytes(shards[0].read_bytes()[:700])  # truncated mid-member
     info = describe_data(str(copy / "manifest.json"))
     assert len(info.shards) == len(shards) - 1 and info.num_samples > 0
-    assert info.source == info.shards  # the loader gets only the readable shards
+    # The loader gets the manifest less the corrupt shard: the others keep their counts.
+    assert info.source == {"manifest": str(copy / "manifest.json"), "exclude": [shards[0].name]}
+    urls, counts = resolve_source(info.source)
+    assert urls == info.shards and sum(counts) == info.num_samples
     intact = describe_data(str(train_shards))
     assert intact.source == str(train_shards)  # intact: the manifest
     assert len(info.skipped) == 1 and shards[0].name in info.skipped[0]
