@@ -57,9 +57,10 @@ def _read_list(src: str) -> list[str]:
     else:
         import pandas as pd
 
-        frame = (
-            pd.read_csv(io.BytesIO(data)) if suffix == ".csv" else pd.read_parquet(io.BytesIO(data))
-        )
+        if suffix == ".csv":  # bytes that are not UTF-8 kept as the file names they are
+            frame = pd.read_csv(io.BytesIO(data), encoding_errors="surrogateescape", dtype=object)
+        else:
+            frame = pd.read_parquet(io.BytesIO(data))
         if "path" not in frame.columns:
             raise InputError(
                 f"{src} has columns {list(frame.columns)}; a .csv/.parquet list needs a "

@@ -56,7 +56,7 @@ def _memory(idx: np.ndarray, cfg: LoaderConfig, rng: np.random.Generator) -> lis
             targets.append((t, short, long))
     if not targets:
         raise UnusableClip(
-            f"stage {cfg.stage!r} needs {n_long} references more than {cfg.long_term_gap} "
+            f"stage {cfg.stage!r} needs {n_long} reference(s) more than {cfg.long_term_gap} "
             f"frames back and {n_short} within it; clip frames {idx.tolist()} have none. "
             f"Ingest with configs/ingest/{cfg.stage}.yaml"
         )

@@ -68,6 +68,8 @@ def test_paths_are_absolute_literal_and_kept_byte_for_byte(tree, monkeypatch):
     (tree / "l.txt").write_bytes(b"\xef\xbb\xbfa/x.mp4\r\n" + bytes(tree) + b"/caf\xe9.mp4\r\n")
     assert list_videos("l.txt", EXT) == [f"{tree}/a/x.mp4", f"{tree}/{latin1}"]
     assert os.path.isfile(list_videos("l.txt", EXT)[1])
+    (tree / "l.csv").write_bytes(b"path\r\na/x.mp4\r\ncaf\xe9.mp4\r\n")  # .csv likewise
+    assert list_videos("l.csv", EXT) == [f"{tree}/a/x.mp4", f"{tree}/{latin1}"]
 
 
 def test_shard_plan_is_deterministic_and_append_only(tmp_path):
