@@ -291,8 +291,9 @@ class ClipStream(IterableDataset):
         for key, record, ext, data in items:
             try:
                 # JPEG decoders accept damaged data (libjpeg only warns on stderr): the
-                # checksum ingest records (since clip_sha256 exists) catches it.
-                if record.get("clip_sha256", "") not in ("", hashlib.sha256(data).hexdigest()):
+                # checksum ingest records (shards written since clip_sha256 exists) catches it.
+                expected = record.get("clip_sha256")
+                if expected and hashlib.sha256(data).hexdigest() != expected:
                     raise ClipDecodeError(f"{ext} bytes do not match the clip_sha256 recorded")
                 lab = decode_clip(ext, data, len(record["frame_indices"]))
             except ClipDecodeError as e:
