@@ -303,9 +303,11 @@ def preflight_checkpoints(cfg: TrainConfig, run_dir: Path, tracking_uri: str) ->
             check_compatible(state, model_args, str(used))
             return
     if cfg.checkpoint.init_from:
+        from mlflow.exceptions import MlflowException
+
         try:
             state = load_state(cfg.checkpoint.init_from, tracking_uri)
-        except (OSError, CheckpointError) as e:
+        except (OSError, CheckpointError, MlflowException) as e:  # the registry's: no such model
             raise CheckpointError(
                 f"checkpoint.init_from={cfg.checkpoint.init_from!r}: {e}; give a readable "
                 "checkpoint directory or a models:/ URI"

@@ -273,6 +273,9 @@ def test_incompatible_init_checkpoint_is_refused(tmp_path, train_shards):
     assert not list((tmp_path / "ray" / "b-pretrain").glob("checkpoint_*"))
     _, runs = _runs(tmp_path, "b")  # refused before the stage started: not left RUNNING
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    # A registry URI that names no model: the same one-line error, not MLflow's traceback.
+    with pytest.raises(CheckpointError, match=r"init_from='models:/nope/1': .*models:/ URI"):
+        main(_args(tmp_path, train_shards, "checkpoint.init_from=models:/nope/1", run="c"))
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, train_shards):
