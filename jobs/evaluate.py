@@ -56,8 +56,9 @@ def reads_registry(model_uri: str) -> bool:
     return model_uri.startswith(("models:/", "runs:/"))
 
 
-def open_store(configured: str, model_uri: str) -> str:
-    """The tracking URI to read the model from and log to, checked before any work."""
+def open_store(configured: str, model_uri: str) -> tuple[str, Any]:
+    """(tracking URI, MlflowClient) to read the model from and log to, checked before any
+    work."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -73,7 +74,7 @@ def open_store(configured: str, model_uri: str) -> str:
         )
     try:
         check_reachable(uri)
-        MlflowClient(uri, registry_uri=uri)  # refuses a scheme MLflow has no store for
+        client = MlflowClient(uri, registry_uri=uri)  # refuses a scheme with no MLflow store
     except TrackingError as e:
         raise EvalError(str(e)) from e
     except MlflowException as e:
@@ -82,7 +83,7 @@ def open_store(configured: str, model_uri: str) -> str:
             "sqlite:////absolute/path/mlflow.db, http(s)://host:port or a database URL "
             "(postgresql://, mysql://)"
         ) from e
-    return uri
+    return uri, client
 
 
 def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
@@ -213,17 +214,15 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
     """Run the whole evaluation; returns the summary (also written to <output>/summary.json)."""
     output = Path(cfg.output).absolute()
     names, split_size = resolve_sequences(davis_root, cfg)
-    tracking_uri = ""
+    tracking_uri, store = "", None
     if cfg.mlflow.enabled or reads_registry(model_uri):  # fail before the work, not after it
-        tracking_uri = open_store(cfg.mlflow.tracking_uri, model_uri)
+        tracking_uri, store = open_store(cfg.mlflow.tracking_uri, model_uri)
     client = ref = None
     try:
         if cfg.mlflow.enabled:
-            from mlflow.tracking import MlflowClient
-
             from jobs.eval_mlflow import resolve_model_ref
 
-            client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+            client = store
             try:
                 ref = resolve_model_ref(client, model_uri)
             except Exception as e:  # noqa: BLE001 - unknown name/alias/version

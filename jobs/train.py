@@ -58,6 +58,7 @@ from jobs.tracking import (
 )
 from jobs.train_config import TrainConfig, load_stage_configs
 from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
+from pipeline import storage
 from pipeline.loader import check_layout
 from pipeline.samples import UnusableClip
 from pipeline.storage import atomic_write_bytes
@@ -123,8 +124,10 @@ def describe_data(data: str) -> DataInfo:
     if not remote and os.path.isdir(path):
         path = os.path.join(path, "manifest.json")
     per_shard: list[int] | None = None
+    layout: dict[str, Any] = {}  # what a sample holds, from a manifest
     if path.endswith(".json"):
         manifest = _read_manifest(path, remote)
+        layout = {k: manifest[k] for k in ("frame_offsets", "size") if k in manifest}
         base = path.rsplit("/", 1)[0]
         shards = [
             s if ("://" in s or s.startswith("/")) else f"{base}/{s}" for s in manifest["shards"]
@@ -180,9 +183,6 @@ def describe_data(data: str) -> DataInfo:
     source: str | list[str] | dict[str, Any] = shards
     if path.endswith(".json"):
         source = {"manifest": path, "exclude": skipped_names} if skipped else path
-    layout = {}
-    if path.endswith(".json"):  # a manifest, read above
-        layout = {k: manifest[k] for k in ("frame_offsets", "size") if k in manifest}
     return DataInfo(
         data, shards, source, content_hash or "unknown", num_samples, skipped, manifest_hash, layout
     )
@@ -190,17 +190,10 @@ def describe_data(data: str) -> DataInfo:
 
 def _read_manifest(path: str, remote: bool) -> dict[str, Any]:
     """The manifest at `path`, checked to be what jobs.ingest writes (clear errors if not)."""
-    if remote:
-        import fsspec
-
-        with fsspec.open(path, "rt") as f:
-            text = f.read()
-    else:
-        if not os.path.isfile(path):
-            raise ConfigError(f"data manifest {path} does not exist; run jobs.ingest first")
-        text = Path(path).read_text()
+    if not remote and not os.path.isfile(path):
+        raise ConfigError(f"data manifest {path} does not exist; run jobs.ingest first")
     try:
-        manifest = json.loads(text)
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"data manifest {path} is not valid JSON ({e}); rerun jobs.ingest") from e
     problem = ""
