@@ -62,10 +62,10 @@ def open_store(configured: str, model_uri: str) -> tuple[str, Any]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import TrackingError, check_reachable, resolve_tracking_uri
+    from jobs.tracking import TrackingError, _sqlite_path, check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(configured)
-    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    db = _sqlite_path(uri)
     if db is not None and db.is_absolute() and not db.is_file() and reads_registry(model_uri):
         # Opening it would create an empty store and report "model not found" in it.
         raise EvalError(
