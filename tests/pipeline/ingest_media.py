@@ -43,16 +43,18 @@ def write_video(
     fps: int = 25,
     codec: str = "libx264",
     sar: tuple[int, int] | None = None,
+    preset: str = "ultrafast",
 ) -> Path:
     """Encode a small video with PyAV (H.264 by default; the container from the suffix);
-    `sar`: the sample aspect ratio (pixel width : height) the stream declares."""
+    `sar`: the sample aspect ratio (pixel width : height) the stream declares; `preset`:
+    libx264's (ultrafast codes no B-frames; medium does, in the High profile, as web video)."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         odd = width % 2 or height % 2
         stream.pix_fmt = "gray" if gray else ("yuv444p" if odd else "yuv420p")
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "crf": "18"}
+            stream.options = {"preset": preset, "crf": "18"}
         if rotation:
             stream.set_display_rotation(rotation)
         if sar:

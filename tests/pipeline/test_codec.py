@@ -135,7 +135,7 @@ def test_decoder_scales_only_large_shrinks():
 @pytest.mark.parametrize(
     "name, codec",
     [("a.mp4", "libx264"), ("b.mkv", "libx264"), ("c.ts", "libx264"), ("d.webm", "libvpx-vp9"),
-     ("e.avi", "mpeg4"), ("f.mpg", "mpeg2video"), ("r.mkv", "libx264")],
+     ("e.avi", "mpeg4"), ("f.mpg", "mpeg2video"), ("r.mkv", "libx264"), ("g.mp4", "libx264")],
 )  # fmt: skip
 def test_probe_and_clips_in_every_container(tmp_path, name, codec):
     # The worker's probe reads no packets beyond the container header (`_FAST_PROBE`) and
@@ -147,7 +147,10 @@ def test_probe_and_clips_in_every_container(tmp_path, name, codec):
     from pipeline.worker import _FAST_PROBE, _probe, _probe_with, video_clips
 
     rotation = 180 if name.startswith("r") else 0
-    path = str(write_video(tmp_path / name, 9, 48, 64, codec=codec, rotation=rotation))
+    preset = "medium" if name.startswith("g") else "ultrafast"  # g: B-frames, High profile
+    path = str(
+        write_video(tmp_path / name, 9, 48, 64, codec=codec, rotation=rotation, preset=preset)
+    )
     rot, h, w, info, anamorphic = _probe(path)
     assert (rot, h, w, anamorphic) == (rotation, 48, 64, False)
     assert _probe_with(path, _FAST_PROBE, with_info=False)[:3] == (rot, h, w)
