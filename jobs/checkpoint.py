@@ -171,7 +171,8 @@ def record_corrupt(path: Path, error: Exception) -> None:
         log.warning("could not record corrupt checkpoint in %s: %s", log_file, e)
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step in a `checkpoint_<step>` directory's name; -1 for any other name."""
     try:
         return int(path.name.rsplit("_", 1)[-1])
     except ValueError:
@@ -190,9 +191,9 @@ def load_latest_valid(latest: str | Path) -> tuple[dict[str, Any], Path, list[st
         older = [
             p
             for p in latest.parent.glob("checkpoint_*")
-            if p.is_dir() and p != latest and _step_of(p) < _step_of(latest)
+            if p.is_dir() and p != latest and checkpoint_step(p) < checkpoint_step(latest)
         ]
-        candidates += sorted(older, key=_step_of, reverse=True)
+        candidates += sorted(older, key=checkpoint_step, reverse=True)
     skipped: list[str] = []
     for path in candidates:
         try:

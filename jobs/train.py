@@ -191,7 +191,10 @@ def describe_data(data: str) -> DataInfo:
 def _read_manifest(path: str, remote: bool) -> dict[str, Any]:
     """The manifest at `path`, checked to be what jobs.ingest writes (clear errors if not)."""
     if not remote and not os.path.isfile(path):
-        raise ConfigError(f"data manifest {path} does not exist; run jobs.ingest first")
+        raise ConfigError(
+            f"data manifest {path} does not exist; run jobs.ingest first, or give the absolute "
+            "path (a job submitted to Ray runs in a copy of its --working-dir)"
+        )
     try:
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
@@ -347,8 +350,9 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "local_mode": local_mode,
-        # Ray restores its own runs; local mode (num_workers=0) does not persist, we do.
-        "resume_from": str(latest) if (local_mode and latest) else None,
+        # The newest checkpoint on disk. Local mode (num_workers=0) resumes from it; Ray
+        # restores its own runs by name, from it when its record of the run is older.
+        "resume_from": str(latest) if latest else None,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -433,6 +437,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")
     check_same_data(cfgs, run_name, data)
     check_finished_stages(cfgs, run_name)
+    start_ray(cfgs)
     runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
     ended: set[str] = set()  # child runs that have their final status
     try:
@@ -452,6 +457,57 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return outputs
 
 
+def start_ray(cfgs: list[TrainConfig]) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a local instance, when a stage needs
+    Ray (local mode, 0 workers, does not); then `check_fits` every such stage."""
+    if not any(c.scaling.num_workers > 0 for c in cfgs):
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    may_grow = bool(os.environ.get("RAY_ADDRESS"))
+    for cfg in cfgs:
+        if cfg.scaling.num_workers > 0:
+            check_fits(cfg, ray.nodes(), may_grow)
+
+
+def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) -> None:
+    """Ray waits forever for workers that no node can place, and says so only in its logs
+    (the stage configs ask for 8 workers of 4 CPUs, one 8-GPU node). Refused when the
+    cluster cannot grow (the local instance this job started), else a warning. A worker
+    takes `cpus_per_worker` CPUs, and a GPU when use_gpu is true (or auto, on a cluster
+    with GPUs), all on one node."""
+    alive = [n["Resources"] for n in nodes if n.get("Alive")]
+    total_gpus = sum(r.get("GPU", 0) for r in alive)
+    sc = cfg.scaling
+    gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and total_gpus > 0)
+    per_node = [
+        min(
+            int(r.get("CPU", 0) // sc.cpus_per_worker) if sc.cpus_per_worker > 0 else 10**9,
+            int(r.get("GPU", 0)) if gpu else 10**9,
+        )
+        for r in alive
+    ]
+    if sum(per_node) >= sc.num_workers:
+        return
+    total_cpus = sum(r.get("CPU", 0) for r in alive)
+    message = (
+        f"stage {cfg.stage}: scaling.num_workers={sc.num_workers} workers of "
+        f"scaling.cpus_per_worker={sc.cpus_per_worker:g} CPUs{' and 1 GPU' if gpu else ''} "
+        f"do not fit the Ray cluster ({len(alive)} node(s), {total_cpus:g} CPUs, "
+        f"{total_gpus:g} GPUs)"
+    )
+    if may_grow:
+        log.warning("%s: the stage waits until nodes join the cluster", message)
+        return
+    fit = max(1, int(total_cpus)) if not gpu else max(1, int(total_gpus))
+    raise ConfigError(
+        f"{message}; on this machine pass scaling.num_workers={min(fit, sc.num_workers)} "
+        "scaling.cpus_per_worker=1, or use configs/train/demo.yaml (sized for one machine)"
+    )
+
+
 def train_stages(
     cfgs: list[TrainConfig],
     run_name: str,
@@ -464,11 +520,6 @@ def train_stages(
     for c in cfgs:
         child = runs.child_run_ids[c.stage]
         log_dataset(uri, child, data.uri, data.content_hash, data.num_samples, data_tags(data))
-    if any(c.scaling.num_workers > 0 for c in cfgs):  # local mode (0 workers) needs no cluster
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     outputs: dict[str, Any] = {}
     previous: str | None = None
     previous_stage = ""

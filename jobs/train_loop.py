@@ -33,6 +33,7 @@ from tqdm import tqdm
 from jobs.checkpoint import (
     NoReadableCheckpoint,
     check_compatible,
+    checkpoint_step,
     load_latest_valid,
     restore_training_state,
     save_checkpoint,
@@ -280,7 +281,11 @@ def restore(ctx: dict[str, Any], resume_from: str | None) -> int:
     cfg: TrainConfig = ctx["cfg"]
     model = ctx["model"]
     ray_ckpt = ray.train.get_checkpoint()
-    latest = ray_ckpt.path if ray_ckpt is not None else resume_from
+    # Ray's record of the run (restored by name) can lag the storage: a job killed after a
+    # checkpoint landed but before Ray's snapshot recorded it. The newer one is taken;
+    # load_latest_valid falls back from it if it is incomplete.
+    candidates = [p for p in (ray_ckpt.path if ray_ckpt else None, resume_from) if p]
+    latest = max(candidates, key=lambda p: checkpoint_step(Path(p))) if candidates else None
     if latest:
         try:
             state, used, skipped = load_latest_valid(latest)

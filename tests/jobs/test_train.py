@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from jobs.checkpoint import CheckpointError
 from jobs.config import ConfigError
 from jobs.tracking import TrackingError, load_example, load_model, run_example
-from jobs.train import TrainingError, describe_data, main, parse_args
+from jobs.train import TrainingError, check_fits, describe_data, main, parse_args
 from jobs.train_config import load_stage_configs
 from jobs.train_loop import build_optimizer
 from pipeline.loader import resolve_source
@@ -59,6 +59,10 @@ def test_config_typo_and_mismatch_are_named():
         load_stage_configs(DEMO, ["main"], ["storage_path=s3://bucket/ray"])
     with pytest.raises(ConfigError, match="set the stage with --stages"):
         load_stage_configs(DEMO, ["main"], ["loader.stage=pretrain"])
+    with pytest.raises(ConfigError, match=r"storage_path=.*demo.yaml, a file; give a directory"):
+        load_stage_configs(DEMO, ["main"], [f"storage_path={DEMO}/ray"])
+    with pytest.raises(ConfigError, match="a path: quote globs"):  # the shell expanded a glob
+        load_stage_configs(DEMO, ["main"], [DEMO])
     # Each stage starts from the previous one's weights: backwards or twice is refused.
     for stages in (["main", "pretrain"], ["pretrain", "pretrain"], ["pretrain", "dynamic", "main"]):
         with pytest.raises(
@@ -66,6 +70,27 @@ def test_config_typo_and_mismatch_are_named():
         ):
             load_stage_configs(DEMO, stages, [])
     assert [c.stage for c in load_stage_configs(DEMO, ["main", "dynamic"])] == ["main", "dynamic"]
+
+
+def test_workers_no_node_can_place_are_refused_or_warned(caplog):
+    (cfg,) = load_stage_configs(str(ROOT / "configs/train/pretrain.yaml"), ["pretrain"])
+    laptop = [{"Alive": True, "Resources": {"CPU": 2.0}}]
+    gpu_node = {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 8.0}}
+    # 8 workers of 4 CPUs on 2 CPUs: Ray would wait forever; the fix is named.
+    with pytest.raises(
+        ConfigError,
+        match=r"num_workers=8 .* do not fit .* 2 CPUs, 0 GPUs\); "
+        r"on this machine pass scaling.num_workers=2 scaling.cpus_per_worker=1",
+    ):
+        check_fits(cfg, laptop, may_grow=False)
+    check_fits(cfg, [gpu_node], may_grow=False)  # one 8-GPU node: the config's target
+    # use_gpu auto on a GPU cluster takes a GPU per worker: 8 workers need 8 GPUs.
+    small = {"Alive": True, "Resources": {"CPU": 64.0, "GPU": 4.0}}
+    with pytest.raises(ConfigError, match="and 1 GPU do not fit"):
+        check_fits(cfg, [small], may_grow=False)
+    check_fits(cfg, [small, dict(small)], may_grow=False)  # two nodes of 4: fits
+    check_fits(cfg, [small, {"Alive": False, "Resources": {"GPU": 4.0}}], may_grow=True)
+    assert "the stage waits until nodes join the cluster" in caplog.text  # a joined cluster
 
 
 def test_stage_configs_hold_the_recipe():
