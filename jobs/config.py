@@ -12,6 +12,7 @@ every run and every checkpoint (`to_dict`), and logged to MLflow flattened (`fla
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -151,7 +152,10 @@ def from_dict(cls: type[T], values: dict[str, Any] | None) -> T:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4)")
+        hint = ""
+        if os.path.exists(text):  # the shell expanded an unquoted glob into more paths
+            hint = "; it is a path: quote globs, e.g. --input 'videos/*.mp4'"
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4){hint}")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""

@@ -44,6 +44,7 @@ from jobs.davis_io import DavisError, atomic_path, read_split, write_results_csv
 from jobs.davis_metrics import global_scores
 from jobs.eval_config import EvalConfig
 from jobs.eval_sequence import SequenceResult, run_sequence_task
+from pipeline import storage
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,9 @@ def summarise(
 def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: str = "") -> dict:
     """Run the whole evaluation; returns the summary (also written to <output>/summary.json)."""
     output = Path(cfg.output).absolute()
+    problem = storage.not_a_directory(str(output))
+    if problem:
+        raise EvalError(f"--output {output} {problem}; give a directory path for the results")
     names, split_size = resolve_sequences(davis_root, cfg)
     tracking_uri, store = "", None
     if cfg.mlflow.enabled or reads_registry(model_uri):  # fail before the work, not after it
@@ -295,6 +299,7 @@ def report(summary: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
         description="Score a MAST model on DAVIS-2017 with the official J&F protocol.",
         epilog="config keys (override with key=value, e.g. ray.max_in_flight=4):\n"
         + config_help(EvalConfig),

@@ -154,15 +154,9 @@ def ingest(
 
 def check_output(dst: str) -> None:
     """DST must be a directory (created when missing): not a file, nor under one."""
-    fs, path = storage.get_fs(dst)
-    if fs.isfile(path):
-        raise InputError(f"--output {dst} is a file; give a directory for the shards")
-    if storage.is_local(dst):
-        parent = os.path.dirname(path)
-        while parent and not os.path.exists(parent) and parent != os.path.dirname(parent):
-            parent = os.path.dirname(parent)
-        if os.path.isfile(parent):
-            raise InputError(f"--output {dst} is under {parent}, a file; give a directory path")
+    problem = storage.not_a_directory(dst)
+    if problem:
+        raise InputError(f"--output {dst} {problem}; give a directory path for the shards")
 
 
 def check_task_cpus(cfg: IngestConfig, may_grow: bool) -> None:

@@ -28,6 +28,7 @@ from jobs.config import (
     positive,
     read_yaml,
 )
+from pipeline import storage
 from pipeline.config import LoaderConfig
 
 STAGES = ("pretrain", "main", "dynamic")
@@ -227,5 +228,8 @@ def _finish(values: dict[str, Any], overrides: list[str]) -> TrainConfig:
             f"storage_path={cfg.storage_path!r}: checkpoints need a local or shared-filesystem "
             "path (e.g. an NFS mount on every node); object-store URLs are not supported yet"
         )
-    storage = os.path.abspath(os.path.expanduser(cfg.storage_path))
-    return dataclasses.replace(cfg, storage_path=storage)
+    path = os.path.abspath(os.path.expanduser(cfg.storage_path))
+    problem = storage.not_a_directory(path)
+    if problem:
+        raise ConfigError(f"storage_path={path} {problem}; give a directory path")
+    return dataclasses.replace(cfg, storage_path=path)

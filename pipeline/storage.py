@@ -74,6 +74,21 @@ def makedirs(url: str) -> None:
             fs.makedirs(path, exist_ok=True)
 
 
+def not_a_directory(url: str) -> str:
+    """Why `url` cannot be used as a directory (created when missing): "" when it can, else
+    "is a file" or, for local paths, "is under P, a file"."""
+    fs, path = get_fs(url)
+    if fs.isfile(path):
+        return "is a file"
+    if is_local(url):
+        parent = os.path.dirname(path)
+        while parent and not os.path.exists(parent) and parent != os.path.dirname(parent):
+            parent = os.path.dirname(parent)
+        if os.path.isfile(parent):
+            return f"is under {parent}, a file"
+    return ""
+
+
 def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
     """Call `write(fileobj)` and publish the result at `url` atomically."""
     if is_local(url):

@@ -157,6 +157,7 @@ def test_bad_config_and_store_give_one_line_errors(davis_root, tmp_path, capsys)
         "propagation.radius=abc": "propagation.radius must be an integer",
         "--config=/nonexistent.yaml": "config file /nonexistent.yaml does not exist",
         "mlflow.tracking_uri=foo://bar": "'foo://bar'",
+        f"--output={davis_root / 'ImageSets' / '2017' / 'val.txt'}": "val.txt is a file; give a",
     }
     for arg, message in cases.items():
         assert cli([*base, arg]) == 2, arg

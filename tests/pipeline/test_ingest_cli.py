@@ -40,12 +40,14 @@ def test_output_that_is_a_file_fails_fast(tmp_path, caplog):
     (tmp_path / "f").write_text("x")
     with caplog.at_level(logging.ERROR):
         assert main(parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "f")])) == 1
-    assert f"--output {tmp_path / 'f'} is a file; give a directory" in caplog.text
+    assert (
+        f"--output {tmp_path / 'f'} is a file; give a directory path for the shards" in caplog.text
+    )
     caplog.clear()
     with caplog.at_level(logging.ERROR):
         args = ["--input", str(tmp_path), "--output", str(tmp_path / "f" / "sub" / "out")]
         assert main(parse_args(args)) == 1
-    assert f"is under {tmp_path / 'f'}, a file; give a directory path" in caplog.text
+    assert f"is under {tmp_path / 'f'}, a file; give a directory path for the shards" in caplog.text
 
 
 @pytest.mark.ray
