@@ -65,5 +65,4 @@ def job_runtime_env(mlflow_server) -> dict:
     env = yaml.safe_load(RUNTIME_ENV_FILE.read_text())
     env["working_dir"] = str(PROJECT_ROOT)
     env["env_vars"] = {**env.get("env_vars", {}), "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    env["env_vars"].pop("MLFLOW_EXPERIMENT_NAME", None)  # each test names its own experiment
     return env

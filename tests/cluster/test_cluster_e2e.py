@@ -113,7 +113,6 @@ def _runtime_env(mlflow_server) -> dict:
     env = yaml.safe_load(RUNTIME_ENV_FILE.read_text())
     env["working_dir"] = str(PROJECT_ROOT)
     env["env_vars"] = {**env["env_vars"], "MLFLOW_TRACKING_URI": mlflow_server.uri}
-    env["env_vars"].pop("MLFLOW_EXPERIMENT_NAME", None)
     return env
 
 
