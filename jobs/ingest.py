@@ -30,7 +30,7 @@ from typing import Any
 from jobs.config import ConfigError, config_help, load_config
 from pipeline import storage
 from pipeline.config import IngestConfig
-from pipeline.distributor import run_shards
+from pipeline.distributor import ray_may_grow, run_shards
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ASSIGNMENT, assign
 from pipeline.summary import MANIFEST, build_manifest, summary_table, write_manifest
@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
         local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
         ray.init(log_to_driver=False, **local)
     try:
-        check_task_cpus(cfg, may_grow=bool(os.environ.get("RAY_ADDRESS")))
+        check_task_cpus(cfg, may_grow=ray_may_grow())
         manifest = ingest(
             args.input, args.output, cfg, overwrite=args.overwrite,
             progress=not args.no_progress, videos=videos,

@@ -59,6 +59,7 @@ from jobs.tracking import (
 from jobs.train_config import TrainConfig, load_stage_configs
 from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
 from pipeline import storage
+from pipeline.distributor import ray_may_grow
 from pipeline.loader import check_layout
 from pipeline.samples import UnusableClip
 from pipeline.storage import atomic_write_bytes
@@ -458,15 +459,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def start_ray(cfgs: list[TrainConfig]) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a local instance, when a stage needs
-    Ray (local mode, 0 workers, does not); then `check_fits` every such stage."""
+    """Join the cluster named by RAY_ADDRESS (or one started on this machine with `ray
+    start`), or start a local instance, when a stage needs Ray (local mode, 0 workers, does
+    not); then `check_fits` every such stage."""
     if not any(c.scaling.num_workers > 0 for c in cfgs):
         return
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    may_grow = bool(os.environ.get("RAY_ADDRESS"))
+    may_grow = ray_may_grow()
     for cfg in cfgs:
         if cfg.scaling.num_workers > 0:
             check_fits(cfg, ray.nodes(), may_grow)

@@ -28,6 +28,18 @@ from pipeline.worker import process_shard
 log = logging.getLogger(__name__)
 
 
+def ray_may_grow() -> bool:
+    """Whether nodes may join the Ray instance this process is connected to: False only when
+    this process started it (`ray.init()` with no cluster to join). A cluster it joined, by
+    RAY_ADDRESS or one started on this machine with `ray start`, may have other nodes or an
+    autoscaler. Ray has no public API for this: the driver's node object says whether it is
+    a head node this process started (when in doubt, True)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return not getattr(node, "head", False)
+
+
 def _in_flight_limit(cfg: IngestConfig) -> int:
     import ray
 

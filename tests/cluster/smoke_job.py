@@ -65,7 +65,11 @@ def main(args: argparse.Namespace) -> dict:
             with open(path, "w") as f:
                 json.dump(results, f)
             mlflow.log_artifact(path)
-        summary = {"run_id": run.info.run_id, "tasks": results}
+        # A job joins the cluster: jobs.train and jobs.ingest only warn about resources
+        # it lacks now (nodes may join), where they refuse on an instance they started.
+        from pipeline.distributor import ray_may_grow
+
+        summary = {"run_id": run.info.run_id, "tasks": results, "may_grow": ray_may_grow()}
     log.info("placement: %s", summary)
     print("SMOKE_RESULT " + json.dumps(summary), flush=True)
     return summary

@@ -36,6 +36,7 @@ def test_job_submit_runs_on_both_nodes_and_logs_to_mlflow(
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SMOKE_RESULT "))
     summary = json.loads(line.removeprefix("SMOKE_RESULT "))
     by_label = {t["label"]: t for t in summary["tasks"]}
+    assert summary["may_grow"] is True  # the job's driver joined the cluster
     # ... checked against the cluster's own view of which node carries which label.
     node_of = {
         ("head" if "head" in n["resources_total"] else "worker"): n["node_id"]

@@ -56,6 +56,8 @@ def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, caplog):
     # worker logs); a run where no video gave a clip exited 0.
     import ray
 
+    from pipeline.distributor import ray_may_grow
+
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "notes.mp4").write_text("not a video\n")
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]
@@ -63,6 +65,7 @@ def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, caplog):
         with caplog.at_level(logging.ERROR):
             assert main(parse_args([*args, "task_cpus=64"])) == 1
             assert "task_cpus=64 but the largest Ray node has" in caplog.text
+            assert not ray_may_grow()  # main started this instance: no node will join it
             assert main(parse_args(args)) == 1
         assert "no video gave a clip" in caplog.text
     finally:
