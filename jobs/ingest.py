@@ -79,7 +79,8 @@ def _outside(videos: list[str], dst: str) -> list[str]:
 
 
 def clean(dst: str, *, everything: bool) -> None:
-    """Remove temporary leftovers of killed runs; with `everything`, all of this job's files."""
+    """Remove temporary leftovers of killed runs and tasks; with `everything`, all of this
+    job's files."""
     for name in storage.list_names(dst):
         if storage.TMP_MARK in name or (everything and _is_ours(name)):
             storage.remove(storage.join(dst, name))
@@ -141,6 +142,9 @@ def ingest(
         len(videos), len(shards), len(stats), len(todo), dst,
     )  # fmt: skip
     completed, errors = run_shards(todo, cfg, progress=progress)
+    # A worker killed mid-shard (OOM, a lost node; Ray ran the task again) leaves its
+    # half-written temp tar behind: removed now, not at the next run.
+    clean(dst, everything=False)
     for s in completed:
         stats[s["index"]] = {k: v for k, v in s.items() if k not in ("seconds", "cpu_seconds")}
     manifest = build_manifest(shards, stats, errors, cfg)

@@ -21,6 +21,7 @@ from jobs.ingest import ingest
 from model.colour import quantise_lab, rgb_to_lab
 from pipeline.codec import decode_clip, decoder_scales, resize_frame, scaled_size
 from pipeline.config import IngestConfig
+from pipeline.storage import TMP_MARK
 from pipeline.worker import clip_starts
 
 pytestmark = pytest.mark.ray
@@ -262,7 +263,9 @@ def _tree(root) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_killed_driver_rerun_equals_uninterrupted_run(ray_local, tmp_path):
-    """SIGKILL the ingest CLI after some shards are done, rerun: byte-for-byte equal output."""
+    """SIGKILL the ingest CLI after some shards are done, rerun: byte-for-byte equal output.
+    SIGKILL a Ray worker in the middle of writing a shard (a system failure, as an OOM kill):
+    Ray retries the task and the run alone gives the same output, with no leftovers."""
     import shutil
     import signal
     import subprocess
@@ -312,6 +315,31 @@ def test_killed_driver_rerun_equals_uninterrupted_run(ray_local, tmp_path):
         with tarfile.open(killed / name) as tar:
             keys += [m.name for m in tar.getmembers() if m.name.endswith(".json")]
     assert len(keys) == len(set(keys)) == 6 * 125  # nothing duplicated or missing
+
+    def shard_workers():  # Ray titles a worker process by the task it runs
+        pids = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::process_shard"):
+                        pids.append(int(pid))
+            except OSError:
+                continue
+        return pids
+
+    worker_killed = tmp_path / "worker_killed"
+    proc, killed_pid = cli(worker_killed), None
+    deadline = time.monotonic() + 120
+    while killed_pid is None and time.monotonic() < deadline and proc.poll() is None:
+        names = os.listdir(worker_killed) if worker_killed.exists() else []
+        writing = [n for n in names if ".tar" in n and TMP_MARK in n]  # a tar half-written
+        if sum(n.endswith(".stats.json") for n in names) >= 2 and writing and shard_workers():
+            killed_pid = shard_workers()[0]
+            os.kill(killed_pid, signal.SIGKILL)
+        time.sleep(0.01)
+    assert killed_pid is not None, "no worker was caught writing a shard"
+    assert proc.wait(timeout=300) == 0
+    assert _tree(worker_killed) == _tree(full)  # no half-written tar of the killed attempt
 
 
 def test_shard_that_cannot_be_written_is_retried_once_then_reported(ray_local, tmp_path, caplog):
