@@ -503,7 +503,9 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
     if may_grow:
         log.warning("%s: the stage waits until nodes join the cluster", message)
         return
-    fit = max(1, int(total_cpus)) if not gpu else max(1, int(total_gpus))
+    if gpu and not total_gpus:
+        raise ConfigError(f"{message}; pass scaling.use_gpu=auto (or false) on a CPU machine")
+    fit = max(1, int(total_gpus if gpu else total_cpus))
     raise ConfigError(
         f"{message}; on this machine pass scaling.num_workers={min(fit, sc.num_workers)} "
         "scaling.cpus_per_worker=1, or use configs/train/demo.yaml (sized for one machine)"

@@ -3,6 +3,7 @@ registry round trip, resume and non-finite loss. Multi-worker Ray runs: test_tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -89,6 +90,9 @@ def test_workers_no_node_can_place_are_refused_or_warned(caplog):
     with pytest.raises(ConfigError, match="and 1 GPU do not fit"):
         check_fits(cfg, [small], may_grow=False)
     check_fits(cfg, [small, dict(small)], may_grow=False)  # two nodes of 4: fits
+    gpu_cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu="true"))
+    with pytest.raises(ConfigError, match="pass scaling.use_gpu=auto"):
+        check_fits(gpu_cfg, laptop, may_grow=False)
     check_fits(cfg, [small, {"Alive": False, "Resources": {"GPU": 4.0}}], may_grow=True)
     assert "the stage waits until nodes join the cluster" in caplog.text  # a joined cluster
 
