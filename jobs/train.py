@@ -39,6 +39,7 @@ from jobs.checkpoint import (
     CheckpointError,
     NoReadableCheckpoint,
     check_compatible,
+    checkpoint_step,
     load_latest_valid,
 )
 from jobs.config import ConfigError, config_help, flatten, to_dict
@@ -388,7 +389,17 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
         )
     final = _latest_checkpoint(run_dir)
     if result.checkpoint is not None and not local_mode:
-        final = Path(result.checkpoint.path)
+        reported = Path(result.checkpoint.path)
+        if final is None or checkpoint_step(final) <= checkpoint_step(reported):
+            final = reported
+        else:  # newer on disk than in Ray's record: a job killed after the stage's last
+            # checkpoint landed, before Ray recorded it. The rerun's workers resumed from it at
+            # the last step and reported nothing, so Ray's is the older one. Taken if it reads.
+            try:
+                final = load_latest_valid(final)[1]
+            except NoReadableCheckpoint:
+                final = reported
+            final = max(final, reported, key=checkpoint_step)
     if final is None:
         raise TrainingError(f"stage {cfg.stage} ended without a checkpoint in {run_dir}")
     return final, metrics
@@ -438,7 +449,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")
     check_same_data(cfgs, run_name, data)
     check_finished_stages(cfgs, run_name)
-    start_ray(cfgs)
+    start_ray([c for c in cfgs if not (_stage_dir(c, run_name) / DONE_FILE).exists()])
     runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
     ended: set[str] = set()  # child runs that have their final status
     try:
@@ -460,8 +471,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def start_ray(cfgs: list[TrainConfig]) -> None:
     """Join the cluster named by RAY_ADDRESS (or one started on this machine with `ray
-    start`), or start a local instance, when a stage needs Ray (local mode, 0 workers, does
-    not); then `check_fits` every such stage."""
+    start`), or start a local instance, when a stage to run needs Ray (local mode, 0
+    workers, does not); then `check_fits` every such stage."""
     if not any(c.scaling.num_workers > 0 for c in cfgs):
         return
     import ray
@@ -474,6 +485,16 @@ def start_ray(cfgs: list[TrainConfig]) -> None:
             check_fits(cfg, ray.nodes(), may_grow)
 
 
+def _placeable(nodes: list[dict[str, float]], cpus_per_worker: float, gpu: bool) -> int:
+    """How many workers of `cpus_per_worker` CPUs (and a GPU each with `gpu`) these nodes'
+    resources hold, counted as Ray does (in units of 1e-4)."""
+    per_worker = max(1, round(cpus_per_worker * 1e4))
+    return sum(
+        min(round(r.get("CPU", 0) * 1e4) // per_worker, int(r.get("GPU", 0)) if gpu else 10**9)
+        for r in nodes
+    )
+
+
 def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) -> None:
     """Ray waits forever for workers that no node can place, and says so only in its logs
     (the stage configs ask for 8 workers of 4 CPUs, one 8-GPU node). Refused when the
@@ -484,14 +505,7 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
     total_gpus = sum(r.get("GPU", 0) for r in alive)
     sc = cfg.scaling
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and total_gpus > 0)
-    per_node = [
-        min(
-            int(r.get("CPU", 0) // sc.cpus_per_worker) if sc.cpus_per_worker > 0 else 10**9,
-            int(r.get("GPU", 0)) if gpu else 10**9,
-        )
-        for r in alive
-    ]
-    if sum(per_node) >= sc.num_workers:
+    if _placeable(alive, sc.cpus_per_worker, gpu) >= sc.num_workers:
         return
     total_cpus = sum(r.get("CPU", 0) for r in alive)
     message = (
@@ -505,10 +519,13 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
         return
     if gpu and not total_gpus:
         raise ConfigError(f"{message}; pass scaling.use_gpu=auto (or false) on a CPU machine")
-    fit = max(1, int(total_gpus if gpu else total_cpus))
+    cpus = min(sc.cpus_per_worker, 1.0)
+    fit = min(_placeable(alive, cpus, gpu), sc.num_workers)
+    if not fit:
+        raise ConfigError(f"{message}; start Ray with CPUs for at least one worker")
     raise ConfigError(
-        f"{message}; on this machine pass scaling.num_workers={min(fit, sc.num_workers)} "
-        "scaling.cpus_per_worker=1, or use configs/train/demo.yaml (sized for one machine)"
+        f"{message}; on this machine pass scaling.num_workers={fit} "
+        f"scaling.cpus_per_worker={cpus:g}, or use configs/train/demo.yaml (sized for one machine)"
     )
 
 

@@ -90,9 +90,20 @@ def test_workers_no_node_can_place_are_refused_or_warned(caplog):
     with pytest.raises(ConfigError, match="and 1 GPU do not fit"):
         check_fits(cfg, [small], may_grow=False)
     check_fits(cfg, [small, dict(small)], may_grow=False)  # two nodes of 4: fits
-    gpu_cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu="true"))
+
+    def scaled(**kw):
+        return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, **kw))
+
     with pytest.raises(ConfigError, match="pass scaling.use_gpu=auto"):
-        check_fits(gpu_cfg, laptop, may_grow=False)
+        check_fits(scaled(use_gpu="true"), laptop, may_grow=False)
+    # Counted as Ray counts (1e-4 units): 10 workers of 0.1 CPU fit on 1 CPU (1.0 // 0.1 == 9).
+    check_fits(scaled(num_workers=10, cpus_per_worker=0.1), [laptop[0]], may_grow=False)
+    # The suggested fit places: 2 CPUs hold 2 GPU workers, not 4; half-CPU workers stay so.
+    cramped = [{"Alive": True, "Resources": {"CPU": 2.0, "GPU": 4.0}}]
+    with pytest.raises(ConfigError, match="pass scaling.num_workers=2 scaling.cpus_per_worker=1,"):
+        check_fits(cfg, cramped, may_grow=False)
+    with pytest.raises(ConfigError, match="num_workers=4 scaling.cpus_per_worker=0.5,"):
+        check_fits(scaled(cpus_per_worker=0.5), laptop, may_grow=False)
     check_fits(cfg, [small, {"Alive": False, "Resources": {"GPU": 4.0}}], may_grow=True)
     assert "the stage waits until nodes join the cluster" in caplog.text  # a joined cluster
 

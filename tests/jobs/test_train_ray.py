@@ -108,20 +108,35 @@ def test_worker_failure_recovers_from_last_checkpoint(ray_local, tmp_path, train
     assert steps == list(range(1, 9))
 
 
-@pytest.mark.parametrize("rays_record", ["kept", "lost"])
+@pytest.mark.parametrize("rays_record", ["kept", "lost", "behind"])
 def test_rerun_with_same_name_resumes(ray_local, tmp_path, train_shards, rays_record):
+    import shutil
+
     args = _args(
         tmp_path, train_shards, "schedule.steps=6", "checkpoint.every_steps=2", "fault_at_step=4",
         "scaling.max_failures=0", "mlflow.register=false", run="again", workers=1,
     )  # fmt: skip
     with pytest.raises(TrainingError, match="injected fault at step 4"):
         main(args)
+    # A job killed after a checkpoint landed but before Ray's snapshot of the run recorded it
+    # leaves Ray's record behind the disk. "lost": no record at all (Ray restores nothing:
+    # the stage must still go on from the newest checkpoint). "behind": killed after the
+    # stage's last checkpoint landed; made from a finished run by putting back Ray's record
+    # (and the checkpoint it names) from before, and removing the stage's done file.
+    run_dir = tmp_path / "ray" / "again-pretrain"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if rays_record == "lost":
-        # A job killed after a checkpoint landed but before Ray's snapshot of the run recorded
-        # it leaves Ray's record behind the disk; here, in the extreme, with no record at all
-        # (Ray then restores nothing: the stage must still go on from the newest checkpoint).
-        (tmp_path / "ray" / "again-pretrain" / "checkpoint_manager_snapshot.json").unlink()
+        snapshot.unlink()
+    if rays_record == "behind":
+        record, kept = snapshot.read_bytes(), tmp_path / "checkpoint_00000002"
+        shutil.copytree(run_dir / kept.name, kept)
+        main(args)
+        (run_dir / "stage_done.json").unlink()
+        snapshot.write_bytes(record)
+        if not (run_dir / kept.name).exists():
+            shutil.copytree(kept, run_dir / kept.name)
     out = main(args)  # the same command: Ray restores the run by name from storage_path
     assert Path(out["pretrain"]["checkpoint"]).name == "checkpoint_00000006"
     client, run = _stage_run(tmp_path, "again")
-    assert run.data.metrics["resumed_from_step"] == 4 and run.info.status == "FINISHED"
+    resumed = 6 if rays_record == "behind" else 4
+    assert run.data.metrics["resumed_from_step"] == resumed and run.info.status == "FINISHED"
