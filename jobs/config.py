@@ -154,7 +154,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         hint = ""
         if os.path.exists(text):  # the shell expanded an unquoted glob into more paths
-            hint = "; it is a path: quote globs, e.g. --input 'videos/*.mp4'"
+            hint = "; it is a path: quote globs so that the shell does not expand them"
         raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4){hint}")
     key, raw = text.split("=", 1)
     try:
