@@ -30,7 +30,7 @@ from typing import Any
 from jobs.config import ConfigError, config_help, load_config
 from pipeline import storage
 from pipeline.config import IngestConfig
-from pipeline.distributor import ray_may_grow, run_shards
+from pipeline.distributor import placeable, ray_may_grow, run_shards
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ASSIGNMENT, assign
 from pipeline.summary import MANIFEST, build_manifest, summary_table, write_manifest
@@ -169,9 +169,10 @@ def check_task_cpus(cfg: IngestConfig, may_grow: bool) -> None:
     autoscale) a warning."""
     import ray
 
-    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-    if cfg.task_cpus <= largest:
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if placeable(alive, cfg.task_cpus):
         return
+    largest = max((r.get("CPU", 0) for r in alive), default=0)
     message = f"task_cpus={cfg.task_cpus:g} but the largest Ray node has {largest:g} CPUs"
     if not may_grow:  # the local instance this job started: no node will join it
         raise ConfigError(f"{message}; set task_cpus <= {largest:g}")

@@ -60,7 +60,7 @@ from jobs.tracking import (
 from jobs.train_config import TrainConfig, load_stage_configs
 from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
 from pipeline import storage
-from pipeline.distributor import ray_may_grow
+from pipeline.distributor import placeable, ray_may_grow
 from pipeline.loader import check_layout
 from pipeline.samples import UnusableClip
 from pipeline.storage import atomic_write_bytes
@@ -394,12 +394,12 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
             final = reported
         else:  # newer on disk than in Ray's record: a job killed after the stage's last
             # checkpoint landed, before Ray recorded it. The rerun's workers resumed from it at
-            # the last step and reported nothing, so Ray's is the older one. Taken if it reads.
+            # the last step and reported nothing, so Ray's is the older one. Taken if it reads
+            # (else the newest one below it that does: Ray's, beside it in run_dir).
             try:
                 final = load_latest_valid(final)[1]
             except NoReadableCheckpoint:
                 final = reported
-            final = max(final, reported, key=checkpoint_step)
     if final is None:
         raise TrainingError(f"stage {cfg.stage} ended without a checkpoint in {run_dir}")
     return final, metrics
@@ -485,16 +485,6 @@ def start_ray(cfgs: list[TrainConfig]) -> None:
             check_fits(cfg, ray.nodes(), may_grow)
 
 
-def _placeable(nodes: list[dict[str, float]], cpus_per_worker: float, gpu: bool) -> int:
-    """How many workers of `cpus_per_worker` CPUs (and a GPU each with `gpu`) these nodes'
-    resources hold, counted as Ray does (in units of 1e-4)."""
-    per_worker = max(1, round(cpus_per_worker * 1e4))
-    return sum(
-        min(round(r.get("CPU", 0) * 1e4) // per_worker, int(r.get("GPU", 0)) if gpu else 10**9)
-        for r in nodes
-    )
-
-
 def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) -> None:
     """Ray waits forever for workers that no node can place, and says so only in its logs
     (the stage configs ask for 8 workers of 4 CPUs, one 8-GPU node). Refused when the
@@ -505,7 +495,7 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
     total_gpus = sum(r.get("GPU", 0) for r in alive)
     sc = cfg.scaling
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and total_gpus > 0)
-    if _placeable(alive, sc.cpus_per_worker, gpu) >= sc.num_workers:
+    if placeable(alive, sc.cpus_per_worker, gpu) >= sc.num_workers:
         return
     total_cpus = sum(r.get("CPU", 0) for r in alive)
     message = (
@@ -520,7 +510,7 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
     if gpu and not total_gpus:
         raise ConfigError(f"{message}; pass scaling.use_gpu=auto (or false) on a CPU machine")
     cpus = min(sc.cpus_per_worker, 1.0)
-    fit = min(_placeable(alive, cpus, gpu), sc.num_workers)
+    fit = min(placeable(alive, cpus, gpu), sc.num_workers)
     if not fit:
         raise ConfigError(f"{message}; start Ray with CPUs for at least one worker")
     raise ConfigError(

@@ -40,6 +40,16 @@ def ray_may_grow() -> bool:
     return not getattr(node, "head", False)
 
 
+def placeable(resources: list[dict[str, float]], cpus: float, gpu: bool = False) -> int:
+    """How many tasks or workers of `cpus` CPUs (and a GPU each with `gpu`) these nodes'
+    resources hold, each on one node, counted as Ray does (in units of 1e-4)."""
+    each = max(1, round(cpus * 1e4))
+    return sum(
+        min(round(r.get("CPU", 0) * 1e4) // each, int(r.get("GPU", 0)) if gpu else 10**9)
+        for r in resources
+    )
+
+
 def _in_flight_limit(cfg: IngestConfig) -> int:
     import ray
 
