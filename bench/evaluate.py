@@ -49,8 +49,8 @@ def _reset_peak() -> bool:
 
 def real_frames(count: int, size: tuple[int, int]) -> torch.Tensor:
     """(count, 3, H, W) stored uint8 Lab from consecutive frames of a real sample video."""
+    from davis.sample import read_video_frames, sample_video_dir
     from model.colour import quantise_lab, rgb_to_lab
-    from pipeline.davis_sample import read_video_frames, sample_video_dir
 
     rgb = read_video_frames(sample_video_dir() / "bigbuckbunny.mp4", count, 0, 1, size)
     return quantise_lab(rgb_to_lab(torch.from_numpy(rgb).permute(0, 3, 1, 2)))

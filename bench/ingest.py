@@ -48,12 +48,12 @@ from typing import Any
 import cv2
 import decord
 
-from jobs.config import load_config, replace
 from jobs.ingest import ingest
 from pipeline.codec import resize_frame
 from pipeline.config import IngestConfig
-from pipeline.reader import sample_video_dir
-from pipeline.worker import _probe, clip_starts, open_reader, read_frames, reuse_freed_buffers
+from pipeline.worker import clip_starts, open_reader, probe_video, read_frames, reuse_freed_buffers
+from storage import sample_video_dir
+from typedconfig import load_config, replace
 
 # Sources made from a sample: name -> (sample, width, height).
 GENERATED = {"bigbuckbunny1080": ("bigbuckbunny", 1920, 1080)}
@@ -88,7 +88,7 @@ def decode_limit(
     `naive`: decoded to full-size RGB, then resized with OpenCV (no scaling in FFmpeg)."""
     cv2.setNumThreads(1)
     reuse_freed_buffers()  # as the worker does (it makes no difference to decoding)
-    probes = {path: _probe(str(path)) for path in videos}  # not timed: the worker probes
+    probes = {path: probe_video(str(path)) for path in videos}  # not timed: the worker probes
     frames = 0
     start, cpu_start = time.perf_counter(), time.process_time()
     for path in videos:

@@ -29,14 +29,14 @@ from pathlib import Path
 import cv2
 import torch
 
-from jobs.config import load_config, replace, to_dict
 from pipeline.codec import decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import iter_shard, make_train_loader
-from pipeline.reader import sample_video_dir
 from pipeline.sharding import assign
 from pipeline.summary import build_manifest, write_manifest
 from pipeline.worker import process_shard
+from storage import sample_video_dir
+from typedconfig import load_config, replace, to_dict
 
 GPU_PAIRS_PER_S = 1100.0
 

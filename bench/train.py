@@ -27,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from jobs.config import to_dict
 from jobs.train_config import load_stage_configs
 from jobs.train_loop import train_loop_per_worker
-from pipeline.reader import sample_video_dir
+from storage import sample_video_dir
+from typedconfig import to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench.train")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.storage import atomic_write
+from storage import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Which job configs run, and the overrides that size them, are in configs/demo.yam
 2. ingest   python -m jobs.ingest   -> <root>/shards (WebDataset tars of Lab clips + manifest)
 3. train    python -m jobs.train --stages pretrain,main,dynamic (Ray Train, one worker per
             stage here), each stage registered in MLflow as a version of `mast`
-4. sample   python -m pipeline.davis_sample -> <root>/davis (DAVIS-format, real textures)
+4. sample   python -m davis.sample -> <root>/davis (DAVIS-format, real textures)
 5. evaluate python -m jobs.evaluate on the trained model (promoted to @champion if it wins),
             and on two baselines: the same model untrained, and copying the first-frame mask
 6. summary  a table of data, stages, registered versions and J&F, and the MLflow UI command
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipeline.reader import sample_video_dir
+from storage import sample_video_dir
 
 log = logging.getLogger("jobs.demo")
 PROJECT = Path(__file__).resolve().parents[1]
@@ -86,8 +86,8 @@ def save_untrained(state_uri: str, tracking_uri: str, path: Path) -> None:
 
 def copy_first_frame_baseline(davis_root: Path, split: str) -> dict[str, float]:
     """J&F of predicting every frame as the first annotation (the trivial baseline)."""
-    from jobs.davis_io import read_sequence, read_split, sequence_files
-    from jobs.davis_metrics import evaluate_sequence, global_scores
+    from davis.io import read_sequence, read_split, sequence_files
+    from davis.metrics import evaluate_sequence, global_scores
 
     objects = []
     for name in read_split(davis_root, split):
@@ -179,7 +179,7 @@ def main(args: argparse.Namespace) -> dict:
     if not (davis / "ImageSets").exists():
         run(
             "sample",
-            [py, "-m", "pipeline.davis_sample", "--output", str(davis), *plan["sample"]["overrides"]],
+            [py, "-m", "davis.sample", "--output", str(davis), *plan["sample"]["overrides"]],
             env,
         )  # fmt: skip
     trained_uri = f"models:/{MODEL_NAME}@dynamic-latest"

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Literal
 
-from jobs.config import ConfigError, positive
+from typedconfig import ConfigError, positive
 
 SPLITS = ("train", "val", "test-dev", "test-challenge")  # the official ones; others allowed
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

@@ -31,8 +31,8 @@ from typing import Any
 
 import pandas as pd
 
-from jobs.config import flatten
-from jobs.davis_metrics import ObjectScore
+from davis.metrics import ObjectScore
+from typedconfig import flatten
 
 log = logging.getLogger(__name__)
 

@@ -23,18 +23,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jobs.config import from_dict
-from jobs.davis_io import (
+from davis.io import (
     DAVIS_PALETTE,
     DavisError,
-    atomic_path,
     read_sequence,
     sequence_files,
     write_mask,
 )
-from jobs.davis_metrics import MetricError, ObjectScore, evaluate_sequence, num_objects
+from davis.metrics import MetricError, ObjectScore, evaluate_sequence, num_objects
 from jobs.eval_config import EvalConfig, PropagationConfig
 from model.colour import quantise_lab, rgb_to_lab
+from storage import atomic_path
+from typedconfig import from_dict
 
 log = logging.getLogger(__name__)
 

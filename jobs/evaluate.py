@@ -39,12 +39,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jobs.config import ConfigError, config_help, load_config, to_dict
-from jobs.davis_io import DavisError, atomic_path, read_split, write_results_csvs
-from jobs.davis_metrics import global_scores
+import storage
+from davis.io import DavisError, read_split, write_results_csvs
+from davis.metrics import global_scores
 from jobs.eval_config import EvalConfig
 from jobs.eval_sequence import SequenceResult, run_sequence_task
-from pipeline import storage
+from storage import atomic_path
+from typedconfig import ConfigError, config_help, load_config, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,10 @@ def open_store(configured: str, model_uri: str) -> tuple[str, Any]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from jobs.tracking import TrackingError, _sqlite_path, check_reachable, resolve_tracking_uri
+    from jobs.tracking import TrackingError, check_reachable, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(configured)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and db.is_absolute() and not db.is_file() and reads_registry(model_uri):
         # Opening it would create an empty store and report "model not found" in it.
         raise EvalError(

@@ -27,14 +27,14 @@ import sys
 import time
 from typing import Any
 
-from jobs.config import ConfigError, config_help, load_config
-from pipeline import storage
+import storage
 from pipeline.config import IngestConfig
 from pipeline.distributor import placeable, ray_may_grow, run_shards
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ASSIGNMENT, assign
 from pipeline.summary import MANIFEST, build_manifest, summary_table, write_manifest
 from pipeline.worker import accepted_hashes, config_hash, shard_tars
+from typedconfig import ConfigError, config_help, load_config
 
 log = logging.getLogger("jobs.ingest")
 

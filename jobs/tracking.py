@@ -56,7 +56,7 @@ def resolve_tracking_uri(configured: str = "") -> str:
     return uri
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///") :])
@@ -64,13 +64,13 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts beside an SQLite store (MLflow would otherwise use ./mlruns of the cwd)."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     return (db.parent / "artifacts").as_uri() if db is not None else None
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingError with the cause and the fix unless `uri` can be used right now."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         if not db.is_absolute():
             raise TrackingError(

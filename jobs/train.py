@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+import storage
 from jobs.checkpoint import (
     CheckpointError,
     NoReadableCheckpoint,
@@ -42,7 +43,6 @@ from jobs.checkpoint import (
     checkpoint_step,
     load_latest_valid,
 )
-from jobs.config import ConfigError, config_help, flatten, to_dict
 from jobs.tracking import (
     StageRuns,
     TrackingError,
@@ -59,11 +59,11 @@ from jobs.tracking import (
 )
 from jobs.train_config import TrainConfig, load_stage_configs
 from jobs.train_loop import EXAMPLE_INPUT_FILE, train_loop_per_worker
-from pipeline import storage
 from pipeline.distributor import placeable, ray_may_grow
 from pipeline.loader import check_layout
 from pipeline.samples import UnusableClip
-from pipeline.storage import atomic_write_bytes
+from storage import atomic_write_bytes
+from typedconfig import ConfigError, config_help, flatten, to_dict
 
 log = logging.getLogger("jobs.train")
 DONE_FILE = "stage_done.json"
@@ -233,7 +233,7 @@ def check_layouts(cfgs: list[TrainConfig], data: DataInfo) -> None:
     laid out): a stage that cannot would otherwise fail only when it starts, maybe days in."""
     for cfg in cfgs:
         try:
-            check_layout(data.layout, cfg.loader, data.uri)
+            check_layout(data.layout, cfg.loader, data.uri, cfg.model.long_term_gap)
         except UnusableClip as e:
             raise ConfigError(str(e)) from None
 
@@ -277,7 +277,7 @@ def check_finished_stages(cfgs: list[TrainConfig], run_name: str) -> None:
             continue  # nothing to compare; chaining from it names the fix
         check_compatible(
             state,
-            dataclasses.asdict(cfg.model),
+            cfg.model.as_args(),
             f"{used} (stage {cfg.stage} of run {run_name!r}, finished: {done_file})",
         )
 
@@ -289,7 +289,7 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 def preflight_checkpoints(cfg: TrainConfig, run_dir: Path, tracking_uri: str) -> None:
     """Refuse a resume or init checkpoint from another model config before workers start."""
-    model_args = dataclasses.asdict(cfg.model)
+    model_args = cfg.model.as_args()
     latest = _latest_checkpoint(run_dir)
     if latest is not None:
         try:

@@ -39,9 +39,9 @@ from jobs.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from jobs.config import from_dict, to_dict
 from jobs.tracking import RankZeroTracker
 from jobs.train_config import TrainConfig
+from typedconfig import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(threads)
     device = select_device(config.get("local_mode", False))
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-    model = MAST(**dataclasses.asdict(cfg.model)).to(device)
+    model = MAST(cfg.model).to(device)
     optimizer, scheduler = build_optimizer(cfg, model)
     os.makedirs(config["run_dir"], exist_ok=True)
     tracker = RankZeroTracker(
@@ -369,6 +369,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             world_size=world_size,
             seed=cfg.seed,
             start_step=start_step,
+            long_term_gap=cfg.model.long_term_gap,
         )
         result = train_steps(ctx, start_step)
         if result["stopped"]:

@@ -12,16 +12,17 @@ Shapes: B batch, T frames per clip (T - 1 references, then the target), (H, W) i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .colour import DROPOUT_POLICIES, drop_channel, normalise_lab
+from .colour import drop_channel, normalise_lab
+from .config import MASTConfig
 from .encoder import ResNet18
 from .memory import read_memory
 
@@ -29,7 +30,7 @@ VOID_LABEL = 255
 STRIDE = 4  # encoder output stride; values are sampled at feature resolution by [::4, ::4]
 
 
-@dataclass
+@dataclasses.dataclass
 class MASTOutput:
     loss: torch.Tensor  # scalar
     reconstruction: torch.Tensor  # (B, 1, H, W) normalised dropped channel of the target
@@ -42,54 +43,25 @@ class MAST(nn.Module):
     """MAST with a stride-4 ResNet-18 encoder and a 64-d key/query projection.
 
     Args:
-        width: encoder base width (64 = the paper's 5,291,648 parameters).
-        feat_dim: key/query dimension.
-        train_radius: short-term window radius in training (R = 6, 13 x 13).
-        test_radius: window radius in `propagate` (R = 12, 25 x 25).
-        scale: affinity scale; None = 1/sqrt(feat_dim) (reference defect 3); 1.0 = reference.
-        channel_dropout: "reference", "paper" or "none" (see model.colour.drop_channel).
-        long_term_gap: references more than this many frames back use ROI localisation.
-        coarse_radius: coarse ROI window radius (12 = 25 x 25).
-        max_dilation: cap of the coarse window dilation.
-        loss_weight: factor on output and target inside smooth-L1 (20 in the reference code).
-        chunk_size: query positions per memory-read band; 0 = automatic.
+        config: the model's settings (model/config.py, where each one is described);
+            None = the paper's.
+        **overrides: settings replaced on top of `config`, e.g. `MAST(width=8)`.
     """
 
-    def __init__(
-        self,
-        width: int = 64,
-        feat_dim: int = 64,
-        train_radius: int = 6,
-        test_radius: int = 12,
-        scale: float | None = None,
-        channel_dropout: str = "reference",
-        long_term_gap: int = 15,
-        coarse_radius: int = 12,
-        max_dilation: int = 4,
-        loss_weight: float = 20.0,
-        chunk_size: int = 0,
-    ) -> None:
+    def __init__(self, config: MASTConfig | None = None, **overrides: Any) -> None:
         super().__init__()
-        if channel_dropout not in DROPOUT_POLICIES:
-            raise ValueError(
-                f"channel_dropout={channel_dropout!r}; choose one of {DROPOUT_POLICIES}"
-            )
-        self.model_args: dict[str, Any] = dict(
-            width=width,
-            feat_dim=feat_dim,
-            train_radius=train_radius,
-            test_radius=test_radius,
-            scale=scale,
-            channel_dropout=channel_dropout,
-            long_term_gap=long_term_gap,
-            coarse_radius=coarse_radius,
-            max_dilation=max_dilation,
-            loss_weight=loss_weight,
-            chunk_size=chunk_size,
-        )
+        config = dataclasses.replace(config or MASTConfig(), **overrides)
+        config.validate()
+        self.config = config
+        width, feat_dim = config.width, config.feat_dim
         self.feature_extraction = ResNet18(3, width)
         self.post_convolution = nn.Conv2d(self.feature_extraction.out_channels, feat_dim, 3, 1, 1)
-        self.scale = 1.0 / math.sqrt(feat_dim) if scale is None else scale
+        self.scale = 1.0 / math.sqrt(feat_dim) if config.scale is None else config.scale
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The settings as the plain dict every checkpoint stores (checkpoint API)."""
+        return self.config.as_args()
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> MAST:
@@ -97,7 +69,7 @@ class MAST(nn.Module):
         missing = {"model_args", "model"} - set(state)
         if missing:
             raise ValueError(f"not a MAST checkpoint: missing {sorted(missing)}")
-        model = cls(**state["model_args"])
+        model = cls(MASTConfig.from_args(state["model_args"]))
         model.load_state_dict(state["model"])
         return model
 
@@ -106,7 +78,7 @@ class MAST(nn.Module):
         return self.post_convolution(self.feature_extraction(x))
 
     def _read(self, query, ref_feats, ref_values, gaps, radius) -> torch.Tensor:
-        a = self.model_args
+        c = self.config
         # The read runs in fp32 even under bf16 autocast: its softmax spans thousands of
         # entries and bf16's 8-bit mantissa would flatten it. The encoder keeps autocast.
         with torch.autocast(query.device.type, enabled=False):
@@ -117,10 +89,10 @@ class MAST(nn.Module):
                 gaps,
                 radius,
                 scale=self.scale,
-                long_term_gap=a["long_term_gap"],
-                coarse_radius=a["coarse_radius"],
-                max_dilation=a["max_dilation"],
-                chunk_size=a["chunk_size"],
+                long_term_gap=c.long_term_gap,
+                coarse_radius=c.coarse_radius,
+                max_dilation=c.max_dilation,
+                chunk_size=c.chunk_size,
             )
 
     def forward(self, frames: torch.Tensor, gaps: torch.Tensor | Sequence[int]) -> MASTOutput:
@@ -136,7 +108,7 @@ class MAST(nn.Module):
         lab = normalise_lab(frames) if frames.dtype == torch.uint8 else frames.float()
         B, T, _, H, W = lab.shape
         gaps = torch.as_tensor(gaps, dtype=torch.long).to("cpu").expand(B, T - 1)
-        inputs, dropped = drop_channel(lab, self.model_args["channel_dropout"])
+        inputs, dropped = drop_channel(lab, self.config.channel_dropout)
         feats = self.encode(inputs.flatten(0, 1)).unflatten(0, (B, T))  # (B, T, C, h, w)
         # Target and values: the dropped channel of the un-dropped frames (MAST_NOTES).
         batch = torch.arange(B, device=lab.device)
@@ -154,11 +126,11 @@ class MAST(nn.Module):
                 [feats[idx, k] for k in range(T - 1)],
                 [values[idx, k] for k in range(T - 1)],
                 ref_gaps,
-                self.model_args["train_radius"],
+                self.config.train_radius,
             )
-            long_term += len(idx) * sum(g > self.model_args["long_term_gap"] for g in ref_gaps)
+            long_term += len(idx) * sum(g > self.config.long_term_gap for g in ref_gaps)
         reconstruction = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
-        w = self.model_args["loss_weight"]
+        w = self.config.loss_weight
         loss = F.smooth_l1_loss(reconstruction * w, target * w)
         return MASTOutput(loss, reconstruction, target, dropped, long_term)
 
@@ -202,7 +174,7 @@ class MAST(nn.Module):
                 f"first mask has label id {largest} but the model reads {K} label channels "
                 f"(max_objects={max_objects}); raise max_objects or remap the ids"
             )
-        radius = self.model_args["test_radius"] if radius is None else radius
+        radius = self.config.test_radius if radius is None else radius
         lab = normalise_lab(frames) if frames.dtype == torch.uint8 else frames.float()
         feats = [self.encode(lab[t : t + 1]) for t in range(T)]  # each (1, C, h, w)
 

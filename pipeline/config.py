@@ -1,6 +1,6 @@
 """Typed configs of the ingest job (`IngestConfig`) and the training loader (`LoaderConfig`).
 
-Both are frozen dataclasses built with `jobs.config.load_config` (defaults < YAML < key=value),
+Both are frozen dataclasses built with `typedconfig.load_config` (defaults < YAML < key=value),
 validated before any work starts; errors name the bad key and the allowed values.
 
     cfg = load_config(IngestConfig, "configs/ingest/pretrain.yaml", ["videos_per_shard=8"])
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, get_args
 
-from jobs.config import ConfigError, positive
+from typedconfig import ConfigError, positive
 
-STAGES = ("pretrain", "main", "dynamic")
+# The training stages, in the order they run (each starts from the previous one's weights).
+Stage = Literal["pretrain", "main", "dynamic"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,17 +113,17 @@ class IngestConfig:
 class LoaderConfig:
     """Training loader: which frames of a stored clip form a sample, and batching."""
 
-    stage: Literal["pretrain", "main", "dynamic"] = "pretrain"
+    stage: Stage = "pretrain"
     batch_size: int = 12
     num_workers: int = 2  # DataLoader worker processes (0 = in the training process)
     crop_size: int = 256  # random square crop, same window for every frame; 0 = stored size
     # pretrain: one reference, source-frame gap drawn from pair_gaps with pair_probs.
     pair_gaps: tuple[int, ...] = (2, 5, 8)
     pair_probs: tuple[float, ...] = (0.4, 0.4, 0.2)
-    # main/dynamic: short-term references (gap <= long_term_gap); dynamic adds long-term ones.
+    # main/dynamic: short-term references (gap <= model.long_term_gap); dynamic adds long-term
+    # ones, more than model.long_term_gap back.
     num_short_refs: int = 3
     num_long_refs: int = 2
-    long_term_gap: int = 15  # the model's long_term_gap: long-term refs are more frames back
     shuffle_buffer: int = 256  # compressed clips; 0 = no shuffling
     # Training samples drawn from each decoded clip (resampled mode only): k > 1 divides the
     # storage reads and clip decodes per sample by k (bench/loader.py: GPU feed budget).
@@ -149,7 +151,6 @@ class LoaderConfig:
         positive(self.shuffle_buffer, "loader.shuffle_buffer", allow_zero=True)
         positive(self.samples_per_clip, "loader.samples_per_clip")
         positive(self.prefetch_factor, "loader.prefetch_factor")
-        positive(self.long_term_gap, "loader.long_term_gap", allow_zero=True)
         if not self.pair_gaps or len(self.pair_gaps) != len(self.pair_probs):
             raise ConfigError(
                 f"loader.pair_gaps={list(self.pair_gaps)} and loader.pair_probs="

@@ -20,10 +20,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jobs.config import to_dict
 from pipeline.config import IngestConfig
 from pipeline.sharding import ShardSpec
 from pipeline.worker import process_shard
+from typedconfig import to_dict
 
 log = logging.getLogger(__name__)
 

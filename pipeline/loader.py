@@ -59,11 +59,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import storage
 from model.colour import normalise_lab
-from pipeline import storage
 from pipeline.codec import CLIP_EXTENSIONS, ClipDecodeError, decode_clip
 from pipeline.config import LoaderConfig
-from pipeline.samples import UnusableClip, make_sample, select_frames
+from pipeline.samples import LONG_TERM_GAP, UnusableClip, make_sample, select_frames
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +77,21 @@ Source = str | list[str] | dict[str, Any]
 
 
 def resolve_source(
-    source: Source, cfg: LoaderConfig | None = None
+    source: Source, cfg: LoaderConfig | None = None, long_term_gap: int = LONG_TERM_GAP
 ) -> tuple[list[str], list[int] | None]:
     """(shard URLs, samples per shard or None) from a manifest, a brace pattern, a list, or
     {"manifest": path, "exclude": [shard file names]} (a manifest less its corrupt shards,
     which keeps the sample counts that weight shards). With `cfg`, a manifest's clip layout is
     checked against the stage first (`check_layout`)."""
     if isinstance(source, dict):
-        urls, counts = resolve_source(source["manifest"], cfg)
+        urls, counts = resolve_source(source["manifest"], cfg, long_term_gap)
         drop = set(source.get("exclude", ()))
         kept = [(u, c) for u, c in zip(urls, counts or []) if u.rsplit("/", 1)[-1] not in drop]
         return [u for u, _ in kept], [c for _, c in kept]
     if isinstance(source, str) and source.endswith(".json"):
         manifest = json.loads(storage.read_text(source))
         if cfg is not None:
-            check_layout(manifest, cfg, source)
+            check_layout(manifest, cfg, source, long_term_gap)
         base = posixpath.dirname(source)
         urls = [
             n if "://" in n or n.startswith("/") else storage.join(base, n)
@@ -105,14 +105,16 @@ def resolve_source(
     return list(source), None
 
 
-def check_layout(manifest: dict[str, Any], cfg: LoaderConfig, source: str) -> None:
+def check_layout(
+    manifest: dict[str, Any], cfg: LoaderConfig, source: str, long_term_gap: int = LONG_TERM_GAP
+) -> None:
     """Raise UnusableClip, naming the fix, when the manifest's clips (frame offsets, size)
     cannot serve `cfg.stage`: otherwise every sample would be skipped one by one (an epoch
     of nothing, or a rank without batches while the others train)."""
     offsets, size = manifest.get("frame_offsets"), manifest.get("size")
     try:
         if offsets:
-            select_frames(list(offsets), cfg, np.random.default_rng(0))
+            select_frames(list(offsets), cfg, np.random.default_rng(0), long_term_gap)
         if size and cfg.crop_size and min(size) < cfg.crop_size:
             raise UnusableClip(
                 f"stored clips are {size[0]}x{size[1]}, smaller than loader.crop_size="
@@ -157,6 +159,7 @@ class ClipStream(IterableDataset):
         seed: int,
         start_step: int,
         resampled: bool,
+        long_term_gap: int = LONG_TERM_GAP,
     ) -> None:
         if not urls:
             raise ValueError("the loader source names no shards")
@@ -164,7 +167,7 @@ class ClipStream(IterableDataset):
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.urls, self.counts, self.cfg = urls, counts, cfg
         self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
-        self.resampled = resampled
+        self.resampled, self.long_term_gap = resampled, long_term_gap
         self._expected = dict(zip(urls, counts)) if counts else {}
         ctx = multiprocessing.get_context()
         self.counters = {name: ctx.Value("q", 0) for name in COUNTERS}
@@ -302,7 +305,9 @@ class ClipStream(IterableDataset):
                 continue
             for _ in range(per_clip):
                 try:
-                    frames, gaps = make_sample(lab, record["frame_indices"], self.cfg, nprng)
+                    frames, gaps = make_sample(
+                        lab, record["frame_indices"], self.cfg, nprng, self.long_term_gap
+                    )
                 except UnusableClip as e:
                     self._count("unusable_samples")
                     unusable += 1
@@ -389,7 +394,7 @@ class TrainLoader:
 
 def _make_loader(source: Source, cfg: LoaderConfig, **stream_args: Any) -> TrainLoader:
     """The loader of both factories: `stream_args` are ClipStream's keyword arguments."""
-    urls, counts = resolve_source(source, cfg)
+    urls, counts = resolve_source(source, cfg, stream_args.get("long_term_gap", LONG_TERM_GAP))
     return TrainLoader(ClipStream(urls, counts, cfg, **stream_args), cfg)
 
 
@@ -401,6 +406,7 @@ def make_train_loader(
     world_size: int,
     seed: int,
     start_step: int = 0,
+    long_term_gap: int = LONG_TERM_GAP,
 ) -> TrainLoader:
     """Infinite resampled stream of training batches (module docstring).
 
@@ -408,7 +414,7 @@ def make_train_loader(
     """
     return _make_loader(
         source, cfg, rank=rank, world_size=world_size, seed=seed,
-        start_step=start_step, resampled=cfg.resampled,
+        start_step=start_step, resampled=cfg.resampled, long_term_gap=long_term_gap,
     )  # fmt: skip
 
 
@@ -420,9 +426,10 @@ def make_epoch_loader(
     world_size: int,
     seed: int,
     epoch: int = 0,
+    long_term_gap: int = LONG_TERM_GAP,
 ) -> TrainLoader:
     """Every sample once per epoch, equal batch counts on every rank (module docstring)."""
     return _make_loader(
         source, cfg, rank=rank, world_size=world_size, seed=seed,
-        start_step=epoch, resampled=False,
+        start_step=epoch, resampled=False, long_term_gap=long_term_gap,
     )  # fmt: skip

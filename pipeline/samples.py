@@ -7,7 +7,8 @@ from reference i to the target (the model's `gaps` input):
 - pretrain: one reference. A gap g is drawn from `pair_gaps` with `pair_probs` (renormalised
   over the gaps this clip offers), then a (reference, target) pair with that gap uniformly.
   The reference code's recipe: gaps 2/5/8 with p = 0.4/0.4/0.2.
-- main: a target and `num_short_refs` earlier frames at most `long_term_gap` back.
+- main: a target and `num_short_refs` earlier frames at most `long_term_gap` back (the
+  model's setting, model.long_term_gap: the loader is given it).
 - dynamic: additionally `num_long_refs` earlier frames MORE than `long_term_gap` back (the
   model reads those through the dilated ROI localisation). Long-term references come first.
 All frames are cropped with one random window of `crop_size` (the same for every frame, so
@@ -20,7 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from model import MASTConfig
 from pipeline.config import LoaderConfig
+
+# What is long-term is the model's setting (model.long_term_gap); the loader is told it.
+LONG_TERM_GAP = MASTConfig.long_term_gap
 
 
 class UnusableClip(ValueError):
@@ -44,19 +49,21 @@ def _pair(idx: np.ndarray, cfg: LoaderConfig, rng: np.random.Generator) -> list[
     return [int(ref), int(tgt)]
 
 
-def _memory(idx: np.ndarray, cfg: LoaderConfig, rng: np.random.Generator) -> list[int]:
+def _memory(
+    idx: np.ndarray, cfg: LoaderConfig, rng: np.random.Generator, long_term_gap: int
+) -> list[int]:
     n_long = cfg.num_long_refs if cfg.stage == "dynamic" else 0
     n_short = cfg.num_short_refs
     targets = []
     for t in range(len(idx)):
         back = idx[t] - idx[:t]
-        short = np.flatnonzero(back <= cfg.long_term_gap)
-        long = np.flatnonzero(back > cfg.long_term_gap)
+        short = np.flatnonzero(back <= long_term_gap)
+        long = np.flatnonzero(back > long_term_gap)
         if len(short) >= n_short and len(long) >= n_long:
             targets.append((t, short, long))
     if not targets:
         raise UnusableClip(
-            f"stage {cfg.stage!r} needs {n_long} reference(s) more than {cfg.long_term_gap} "
+            f"stage {cfg.stage!r} needs {n_long} reference(s) more than {long_term_gap} "
             f"frames back and {n_short} within it; clip frames {idx.tolist()} have none. "
             f"Ingest with configs/ingest/{cfg.stage}.yaml"
         )
@@ -67,11 +74,17 @@ def _memory(idx: np.ndarray, cfg: LoaderConfig, rng: np.random.Generator) -> lis
 
 
 def select_frames(
-    frame_indices: list[int], cfg: LoaderConfig, rng: np.random.Generator
+    frame_indices: list[int],
+    cfg: LoaderConfig,
+    rng: np.random.Generator,
+    long_term_gap: int = LONG_TERM_GAP,
 ) -> tuple[list[int], list[int]]:
     """(positions in the clip, references first and target last; gaps to the target)."""
     idx = np.asarray(frame_indices, dtype=np.int64)
-    order = _pair(idx, cfg, rng) if cfg.stage == "pretrain" else _memory(idx, cfg, rng)
+    if cfg.stage == "pretrain":
+        order = _pair(idx, cfg, rng)
+    else:
+        order = _memory(idx, cfg, rng, long_term_gap)
     gaps = [int(idx[order[-1]] - idx[i]) for i in order[:-1]]
     return order, gaps
 
@@ -92,9 +105,13 @@ def random_crop(lab: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
 
 
 def make_sample(
-    lab: np.ndarray, frame_indices: list[int], cfg: LoaderConfig, rng: np.random.Generator
+    lab: np.ndarray,
+    frame_indices: list[int],
+    cfg: LoaderConfig,
+    rng: np.random.Generator,
+    long_term_gap: int = LONG_TERM_GAP,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stored clip -> (frames (K, 3, crop, crop) uint8, gaps (K-1,) int64)."""
-    order, gaps = select_frames(frame_indices, cfg, rng)
+    order, gaps = select_frames(frame_indices, cfg, rng, long_term_gap)
     frames = random_crop(lab[order], cfg.crop_size, rng)
     return np.ascontiguousarray(frames), np.asarray(gaps, dtype=np.int64)

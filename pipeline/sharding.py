@@ -17,7 +17,7 @@ import json
 import logging
 import os
 
-from pipeline import storage
+import storage
 
 log = logging.getLogger(__name__)
 

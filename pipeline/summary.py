@@ -25,11 +25,11 @@ import json
 from collections import Counter
 from typing import Any
 
-from jobs.config import to_dict
-from pipeline import storage
+import storage
 from pipeline.config import IngestConfig
 from pipeline.sharding import ShardSpec
 from pipeline.worker import config_hash, shard_tars
+from typedconfig import to_dict
 
 MANIFEST = "manifest.json"
 

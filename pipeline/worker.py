@@ -42,8 +42,7 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from jobs.config import from_dict, to_dict
-from pipeline import storage
+import storage
 from pipeline.codec import (
     decoder_scales,
     encode_clip,
@@ -53,6 +52,7 @@ from pipeline.codec import (
 )
 from pipeline.config import IngestConfig
 from pipeline.sharding import ShardSpec, shard_name, video_id
+from typedconfig import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def clip_starts(num_frames: int, cfg: IngestConfig) -> list[int]:
 _FAST_PROBE = {"probesize": "32", "analyzeduration": "0", "skip_frame": "all"}
 
 
-def _probe(path: str) -> Probe:
+def probe_video(path: str) -> Probe:
     """PyAV probe of the first frame; `info` only if PyAV has to decode the video."""
     import av
 
@@ -245,7 +245,7 @@ def video_clips(
     (AV1 in decord 0.6's wheels): PyAV decodes those, frames streamed the same way."""
     import decord
 
-    probe = _probe(path)
+    probe = probe_video(path)
     info, reader = probe.info, None
     if info is None:
         try:

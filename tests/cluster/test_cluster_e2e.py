@@ -146,7 +146,7 @@ def test_ingest_train_evaluate_across_two_nodes(ray_cluster, mlflow_server, shar
         == versions[0].version
     )
 
-    from pipeline.davis_sample import SampleConfig, generate
+    from davis.sample import SampleConfig, generate
 
     davis = workdir / "davis"
     generate(SampleConfig(num_sequences=2, num_frames=6), davis)

@@ -206,13 +206,13 @@ def test_rayjob_entrypoint_is_a_real_job_with_valid_arguments(job):
         assert {c.scaling.use_gpu for c in cfgs} == {"auto"}
         assert {c.storage_path for c in cfgs} == {"/mnt/runs/ray"}
     elif job == "ingest":
-        from jobs.config import load_config
         from pipeline.config import IngestConfig
+        from typedconfig import load_config
 
         load_config(IngestConfig, ROOT / args.config, args.overrides)
     else:
-        from jobs.config import load_config
         from jobs.eval_config import EvalConfig
+        from typedconfig import load_config
 
         cfg = load_config(EvalConfig, args.config, args.overrides)
         assert cfg.device == "cuda" and cfg.ray.num_gpus > 0
@@ -476,7 +476,8 @@ def test_every_module_the_jobs_import_is_installed_by_the_project():
         except md.PackageNotFoundError:
             pass
     imported = set()
-    for package in ("pipeline", "model", "jobs"):
+    ours = {"typedconfig", "storage", "model", "davis", "pipeline", "jobs"}
+    for package in sorted(ours):
         for path in (ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
@@ -484,7 +485,7 @@ def test_every_module_the_jobs_import_is_installed_by_the_project():
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     imported.add(node.module.split(".")[0])
     dists = md.packages_distributions()
-    for module in sorted(imported - set(sys.stdlib_module_names) - {"pipeline", "model", "jobs"}):
+    for module in sorted(imported - set(sys.stdlib_module_names) - ours):
         provided = {d.lower() for d in dists.get(module, [module.replace("_", "-")])}
         assert provided & names, f"{module} ({provided}) is imported but not a dependency"
     assert {"s3fs", "gcsfs"} <= names  # fsspec loads them by URL scheme, never imported by name

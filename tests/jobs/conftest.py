@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.reader import sample_video_dir
+from storage import sample_video_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 import yaml
 
-from jobs.config import from_dict
 from jobs.defaults import DEFAULTS_DIR, default_configs, main
+from typedconfig import from_dict
 
 
 def test_defaults_files_equal_the_code():

@@ -15,20 +15,20 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from jobs.config import load_config
-from jobs.davis_io import (
+from davis.io import (
     read_mask,
     read_result_masks,
     sequence_files,
     write_mask,
     write_results_csvs,
 )
-from jobs.davis_metrics import evaluate_sequence
+from davis.metrics import evaluate_sequence
+from davis.sample import SampleConfig, generate
 from jobs.eval_config import EvalConfig
 from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion, set_tag, version_tag
 from jobs.evaluate import EvalError, cli, davis_set_id, evaluate, main, parse_args
 from model import MAST
-from pipeline.davis_sample import SampleConfig, generate
+from typedconfig import load_config
 
 GOOD = ["bigbuckbunny-00", "bikes-01"]
 

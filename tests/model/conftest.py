@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.reader import sample_video_dir
+from storage import sample_video_dir
 
 
 def sample_video(name: str) -> Path:

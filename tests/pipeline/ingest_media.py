@@ -12,12 +12,12 @@ import av
 import numpy as np
 import pytest
 
-from pipeline import reader
+import storage
 
 
 def sample_video_dir() -> Path:
     try:
-        return reader.sample_video_dir()
+        return storage.sample_video_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
 

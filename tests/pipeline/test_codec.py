@@ -144,14 +144,14 @@ def test_probe_and_clips_in_every_container(tmp_path, name, codec):
     from ingest_media import write_video
 
     from pipeline.config import IngestConfig
-    from pipeline.worker import _FAST_PROBE, _probe, _probe_with, video_clips
+    from pipeline.worker import _FAST_PROBE, _probe_with, probe_video, video_clips
 
     rotation = 180 if name.startswith("r") else 0
     preset = "medium" if name.startswith("g") else "ultrafast"  # g: B-frames, High profile
     path = str(
         write_video(tmp_path / name, 9, 48, 64, codec=codec, rotation=rotation, preset=preset)
     )
-    rot, h, w, info, anamorphic = _probe(path)
+    rot, h, w, info, anamorphic = probe_video(path)
     assert (rot, h, w, anamorphic) == (rotation, 48, 64, False)
     assert _probe_with(path, _FAST_PROBE, with_info=False)[:3] == (rot, h, w)
     assert (info is None) == (rotation == 0)  # rotated videos get full info from PyAV
@@ -176,7 +176,7 @@ def test_clips_equal_an_independent_decode_of_their_frames(geometry):
 
     from pipeline.codec import frame_to_float16_lab, frame_to_stored_lab
     from pipeline.config import IngestConfig
-    from pipeline.worker import _probe, open_reader, read_frames, video_clips
+    from pipeline.worker import open_reader, probe_video, read_frames, video_clips
 
     path = str(sample_video_dir() / "carphone_pristine.mp4")
     cfg = IngestConfig(clips_per_video=0, size=(32, 40), **geometry)
@@ -185,7 +185,7 @@ def test_clips_equal_an_independent_decode_of_their_frames(geometry):
     assert len(got) > 3
     for ci, idx, lab in got:
         assert idx == [ci * (cfg.clip_stride or cfg.span) + o for o in cfg.offsets]
-        probe = _probe(path)  # carphone's pixels are 128:117: scaled to square ones
+        probe = probe_video(path)  # carphone's pixels are 128:117: scaled to square ones
         reader = open_reader(path, probe.height, probe.width, cfg, probe.anamorphic)
         rgb = [resize_frame(f, cfg.size, "crop") for _, f in read_frames(reader, idx)]
         del reader
@@ -309,7 +309,7 @@ def test_anamorphic_video_is_stored_as_shown(tmp_path, rotation):
 
     from pipeline.codec import frame_to_stored_lab
     from pipeline.config import IngestConfig
-    from pipeline.worker import _probe
+    from pipeline.worker import probe_video
 
     path = str(write_video(tmp_path / "sar.mp4", 12, 64, 96, sar=(2, 1), rotation=rotation))
     cfg = IngestConfig(clip_len=3, frame_step=2, clips_per_video=2, size=(32, 32), storage="raw")
@@ -329,7 +329,7 @@ def test_anamorphic_video_is_stored_as_shown(tmp_path, rotation):
     assert np.abs(got.astype(int) - want).mean() < 3
     # A pixel shape beyond 1:4..4:1 is a wrong header, not a picture: kept as coded.
     bogus = write_video(tmp_path / "bogus.mp4", 3, 64, 96, sar=(9, 1), rotation=rotation)
-    assert (_probe(str(bogus)).width, _probe(str(bogus)).anamorphic) == (96, False)
+    assert (probe_video(str(bogus)).width, probe_video(str(bogus)).anamorphic) == (96, False)
 
 
 def test_truncated_video_keeps_the_clips_before_the_cut(tmp_path):

@@ -16,13 +16,13 @@ import pytest
 import torch
 from ingest_media import edge_case_dir
 
-from jobs.config import from_dict
 from jobs.ingest import ingest
 from model.colour import quantise_lab, rgb_to_lab
 from pipeline.codec import decode_clip, decoder_scales, resize_frame, scaled_size
 from pipeline.config import IngestConfig
-from pipeline.storage import TMP_MARK
 from pipeline.worker import clip_starts
+from storage import TMP_MARK
+from typedconfig import from_dict
 
 pytestmark = pytest.mark.ray
 
@@ -192,7 +192,7 @@ def test_rerun_skips_done_shards_and_appends_new_videos(ingested, edge, tmp_path
             assert (dst / name).read_bytes() == before[name]
         assert grown["content_hash"] != manifest["content_hash"]
         # A different content config is refused rather than mixed into the same DST.
-        from jobs.config import ConfigError
+        from typedconfig import ConfigError
 
         with pytest.raises(ConfigError, match="--overwrite"):
             ingest(str(listing), str(dst), from_dict(IngestConfig, {**CFG, "quality": 50,

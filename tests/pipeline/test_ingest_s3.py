@@ -9,10 +9,10 @@ import socket
 
 import pytest
 
-from jobs.config import from_dict, to_dict
 from jobs.ingest import ingest
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import make_epoch_loader
+from typedconfig import from_dict, to_dict
 
 pytestmark = pytest.mark.ray
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.config import ConfigError, from_dict, to_dict
 from model.colour import normalise_lab
 from model.memory import roi_dilation
 from pipeline.codec import ClipDecodeError, decode_clip
@@ -24,6 +23,7 @@ from pipeline.samples import UnusableClip, select_frames
 from pipeline.sharding import assign
 from pipeline.summary import build_manifest, write_manifest
 from pipeline.worker import process_shard
+from typedconfig import ConfigError, from_dict, to_dict
 
 LENGTHS = (12, 20, 31, 9, 13)  # clips of span 9, stride 3: 2, 4, 8, 1, 2 = 17 samples
 
@@ -231,6 +231,11 @@ def test_memory_stages_select_short_and_long_term_references():
         assert len(order) == 4 and order == sorted(order) and all(0 < g <= 15 for g in gaps)
     with pytest.raises(UnusableClip, match="configs/ingest/dynamic.yaml"):
         select_frames(list(range(9)), dynamic, rng)
+    # The threshold is the model's long_term_gap, given to the loader: at 5, frames 0..3 of a
+    # 9-frame clip are long-term references of frame 8.
+    for _ in range(20):
+        order, gaps = select_frames(list(range(9)), dynamic, rng, long_term_gap=5)
+        assert all(g > 5 for g in gaps[:2]) and all(0 < g <= 5 for g in gaps[2:])
 
 
 @pytest.mark.parametrize(
@@ -241,7 +246,7 @@ def test_memory_stages_select_short_and_long_term_references():
 )  # fmt: skip
 def test_demo_and_stage_ingest_configs_serve_their_stages(stage, refs):
     """configs/ingest/demo.yaml serves all three stages; each stage config serves its own."""
-    from jobs.config import load_config
+    from typedconfig import load_config
 
     rng = np.random.default_rng(0)
     cfg = _cfg(stage=stage, **refs)

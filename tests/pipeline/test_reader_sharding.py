@@ -9,13 +9,13 @@ import os
 import pandas as pd
 import pytest
 
-from jobs.config import ConfigError, from_dict, load_config, replace
 from jobs.ingest import _read_done
 from pipeline.config import IngestConfig
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ShardSpec, assign, load_assignment, plan_shards
 from pipeline.summary import build_manifest, summary_table
 from pipeline.worker import accepted_hashes, clip_starts, config_hash
+from typedconfig import ConfigError, from_dict, load_config, replace
 
 EXT = ("mp4", "mov")
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from jobs.config import ConfigError, load_config
-from jobs.davis_io import read_sequence, read_split, sequence_files
-from pipeline.davis_sample import SampleConfig, generate, main, parse_args, paste
+from davis.io import read_sequence, read_split, sequence_files
+from davis.sample import SampleConfig, generate, main, parse_args, paste
+from typedconfig import ConfigError, load_config
 
 SMALL = ["num_sequences=2", "num_frames=5", "width=64", "height=48"]
 

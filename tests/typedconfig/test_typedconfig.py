@@ -1,13 +1,12 @@
-"""The shared config layer: precedence, validation messages, conversions, round trips."""
+"""typedconfig: precedence, validation messages, conversions, round trips."""
 
 import dataclasses
 from typing import Literal
 
 import pytest
 
-from jobs.config import (
+from typedconfig import (
     ConfigError,
-    ModelConfig,
     config_help,
     flatten,
     from_dict,
@@ -59,8 +58,6 @@ def test_bad_choice_names_the_allowed_values():
         match=r"use_gpu='maybe' is not allowed; choose one of \['auto', 'true', 'false'\]",
     ):
         load_config(Outer, overrides=["use_gpu=maybe"])
-    with pytest.raises(ConfigError, match="channel_dropout"):
-        from_dict(ModelConfig, {"channel_dropout": "always"})
 
 
 def test_yaml_booleans_fill_string_choices():
@@ -89,13 +86,6 @@ def test_round_trip_flatten_and_help():
     flat = flatten(cfg)
     assert flat["inner.size"] == [64, 32] and flat["use_gpu"] == "auto"
     assert "  inner.lr = 0.001" in config_help(Outer)
-
-
-def test_model_config_matches_the_model_constructor():
-    from model import MAST
-
-    args = to_dict(ModelConfig())
-    assert MAST(**{**args, "width": 8}).model_args == {**args, "width": 8}
 
 
 def test_jobs_accept_overrides_anywhere():

@@ -1,9 +1,7 @@
-"""Local paths and fsspec URLs (s3://, gs://, ...) behind one small API, with atomic writes.
+"""Local paths and fsspec URLs (s3://, gs://, ...) behind one small API.
 
-Atomicity: a local file is written to `<name>.tmp-<random>` in the same directory and
-renamed into place (`os.replace`); an object-store file is written to a local temporary file
-and uploaded with one PUT (object stores never expose a half-written object). Readers of a
-destination therefore see either nothing or the complete file.
+A local path is taken literally (made absolute); anything with `://` goes through fsspec. Writes
+that must be atomic go through `storage.atomic`.
 """
 
 from __future__ import annotations
@@ -11,14 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
-from typing import IO
+from collections.abc import Iterator
 
 import fsspec
 from fsspec.implementations.local import make_path_posix
-
-TMP_MARK = ".tmp-"
 
 
 def is_local(url: str) -> bool:
@@ -87,34 +81,6 @@ def not_a_directory(url: str) -> str:
         if os.path.isfile(parent):
             return f"is under {parent}, a file"
     return ""
-
-
-def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(fileobj)` and publish the result at `url` atomically."""
-    if is_local(url):
-        path = strip_file(url)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
-        return
-    fs, path = get_fs(url)
-    fd, tmp = tempfile.mkstemp(suffix=".upload")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        fs.put_file(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    atomic_write(url, lambda f: f.write(data))
 
 
 @contextlib.contextmanager

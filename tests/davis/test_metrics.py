@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from jobs.davis_metrics import (
+from davis.metrics import (
     MEASURES,
     MetricError,
     boundary_f,

