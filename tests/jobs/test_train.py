@@ -14,9 +14,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from jobs.checkpoint import CheckpointError
+from jobs.ray_fit import TrainingError, check_fits
 from jobs.tracking import TrackingError, load_example, load_model, run_example
-from jobs.train import TrainingError, check_fits, describe_data, main, parse_args
+from jobs.train import main, parse_args
 from jobs.train_config import load_stage_configs
+from jobs.train_data import describe_data
 from jobs.train_loop import build_optimizer
 from pipeline.loader import resolve_source
 from typedconfig import ConfigError
