@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import MASTConfig
 from storage import atomic_write
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_compatible(state: dict[str, Any], model_args: dict[str, Any], source: str) -> None:
     """Raise CheckpointError naming every model argument that differs from the current config."""
-    saved = state.get("model_args", {})
+    # A checkpoint written before a setting existed was trained with that setting's default.
+    defaults = MASTConfig().as_args()
+    saved = {**defaults, **state.get("model_args", {})}
+    model_args = {**defaults, **model_args}
     keys = sorted(set(saved) | set(model_args))
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r} != config {model_args.get(k)!r}"

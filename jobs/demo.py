@@ -33,12 +33,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from storage import sample_video_dir
+from jobs import mlflow_keys as keys
+from storage import SAMPLE_VIDEOS, sample_video_dir
 
 log = logging.getLogger("jobs.demo")
 PROJECT = Path(__file__).resolve().parents[1]
-SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
-MODEL_NAME = "mast"
 PLAN = PROJECT / "configs" / "demo.yaml"  # which configs the demo runs, and its sizing
 
 
@@ -73,7 +72,7 @@ def save_untrained(state_uri: str, tracking_uri: str, path: Path) -> None:
     """The trained model's architecture with fresh weights (seed 0): the 'untrained' baseline."""
     import torch
 
-    from jobs.tracking import load_state
+    from jobs.registry import load_state
     from model import MAST
 
     if path.exists():
@@ -102,18 +101,18 @@ def registry_rows(tracking_uri: str) -> list[dict[str, str]]:
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     aliases: dict[str, list[str]] = {}
-    for alias, version in client.get_registered_model(MODEL_NAME).aliases.items():
+    for alias, version in client.get_registered_model(keys.MODEL_NAME).aliases.items():
         aliases.setdefault(str(version), []).append(alias)
     rows = []
     for mv in sorted(
-        client.search_model_versions(f"name='{MODEL_NAME}'"), key=lambda v: int(v.version)
+        client.search_model_versions(f"name='{keys.MODEL_NAME}'"), key=lambda v: int(v.version)
     ):
         rows.append(
             {
                 "version": mv.version,
-                "stage": mv.tags.get("stage", ""),
-                "final_loss": mv.tags.get("final_loss", ""),
-                "J&F": mv.tags.get("davis.val.JF_mean", ""),
+                "stage": mv.tags.get(keys.VERSION_STAGE, ""),
+                "final_loss": mv.tags.get(keys.VERSION_FINAL_LOSS, ""),
+                "J&F": mv.tags.get(keys.version_tag("val", "JF_mean"), ""),
                 "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
             }
         )
@@ -182,12 +181,12 @@ def main(args: argparse.Namespace) -> dict:
             [py, "-m", "davis.sample", "--output", str(davis), *plan["sample"]["overrides"]],
             env,
         )  # fmt: skip
-    trained_uri = f"models:/{MODEL_NAME}@dynamic-latest"
+    trained_uri = f"models:/{keys.MODEL_NAME}@{keys.latest_alias('dynamic')}"
     untrained = root / "untrained.pt"
     save_untrained(trained_uri, tracking_uri, untrained)
     evaluations = {}
     for label, model_uri, extra in [
-        ("trained", trained_uri, ["--promote", "champion"]),
+        ("trained", trained_uri, ["--promote", keys.CHAMPION]),
         ("untrained", str(untrained), ["mlflow.enabled=false"]),
     ]:
         out = root / "eval" / label
@@ -218,7 +217,7 @@ def main(args: argparse.Namespace) -> dict:
         f"data: {len(videos)} real videos -> {manifest.get('num_samples')} clips in "
         f"{len(manifest.get('shards', []))} shards (content hash {str(manifest.get('content_hash'))[:12]})"
     )
-    print("\nregistered model versions of 'mast' (one per stage):")
+    print(f"\nregistered model versions of {keys.MODEL_NAME!r} (one per stage):")
     print(table(registry_rows(tracking_uri), ["version", "stage", "final_loss", "J&F", "aliases"]))
     print("\nDAVIS-format sample set (val), official J&F protocol:")
     rows = [

@@ -32,26 +32,12 @@ from typing import Any
 import pandas as pd
 
 from davis.metrics import ObjectScore
+from jobs import mlflow_keys as keys
 from typedconfig import flatten
 
 log = logging.getLogger(__name__)
 
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[^/]+))/?$")
-
-
-def metric_key(measure: str) -> str:
-    """MLflow names allow no '&': J&F-Mean -> JF-Mean."""
-    return measure.replace("&", "")
-
-
-def version_tag(split: str, what: str) -> str:
-    """The latest full evaluation on `split`, whatever its set (display only)."""
-    return f"davis.{split}.{what}"
-
-
-def set_tag(split: str, davis_set: str, what: str) -> str:
-    """A full evaluation on one set of data: the tags promotion compares."""
-    return f"davis.{split}.{davis_set}.{what}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +132,16 @@ def log_evaluation(
         params |= {"model_uri": ref.uri, "davis_root": summary["davis_root"]}
         mlflow.log_params(params)
         if scores is not None:
-            metrics = {metric_key(k): v for k, v in scores.items()}
+            metrics = {keys.metric_key(k): v for k, v in scores.items()}
             metrics |= {"sequences_scored": summary["scored"], "objects": len(objects)}
             mlflow.log_metrics(metrics)
             if ref.model_id:  # shows the numbers on the model's own page (MLflow 3)
                 try:
                     mlflow.log_metrics(
-                        {f"davis_{summary['split']}/{metric_key(k)}": v for k, v in scores.items()},
+                        {
+                            f"davis_{summary['split']}/{keys.metric_key(k)}": v
+                            for k, v in scores.items()
+                        },
                         model_id=ref.model_id,
                     )
                 except Exception as e:  # noqa: BLE001 - optional link; the run has the numbers
@@ -207,9 +196,12 @@ def tag_model_version(
         "F_mean": f"{scores['F-Mean']:.6f}",
         "run_id": run_id,
     }
-    tags = {set_tag(ev.split, ev.davis_set, k): v for k, v in values.items()}
-    tags |= {version_tag(ev.split, k): v for k, v in values.items()}
-    tags |= {version_tag(ev.split, "scope"): "full", version_tag(ev.split, "set"): ev.davis_set}
+    tags = {keys.set_tag(ev.split, ev.davis_set, k): v for k, v in values.items()}
+    tags |= {keys.version_tag(ev.split, k): v for k, v in values.items()}
+    tags |= {
+        keys.version_tag(ev.split, "scope"): "full",
+        keys.version_tag(ev.split, "set"): ev.davis_set,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(ref.name, ref.version, key, value)
 
@@ -249,7 +241,7 @@ def decide_promotion(client, ref: ModelRef, alias: str, ev: EvalSet, jf: float) 
         return Promotion(alias, True, f"promoted: alias {alias} was free; J&F {jf:.4f} on {on}")
     if str(holder.version) == ref.version:
         return Promotion(alias, False, f"unchanged: version {ref.version} already holds {alias}")
-    held = holder.tags.get(set_tag(ev.split, ev.davis_set, "JF_mean"))
+    held = holder.tags.get(keys.set_tag(ev.split, ev.davis_set, "JF_mean"))
     if held is None:
         others = ", ".join(scored_sets(holder.tags, ev.split)) or "none"
         return Promotion(
@@ -279,7 +271,7 @@ def promote(client, ref: ModelRef, alias: str, ev: EvalSet, jf: float, run_id: s
     decision = decide_promotion(client, ref, alias, ev, jf)
     if decision.promoted:
         client.set_registered_model_alias(ref.name, alias, ref.version)
-    client.set_tag(run_id, f"promotion.{alias}", decision.reason)
-    client.set_model_version_tag(ref.name, ref.version, f"promotion.{alias}", decision.reason)
+    client.set_tag(run_id, keys.promotion_tag(alias), decision.reason)
+    client.set_model_version_tag(ref.name, ref.version, keys.promotion_tag(alias), decision.reason)
     log.info("%s", decision.reason)
     return decision

@@ -90,7 +90,7 @@ def open_store(configured: str, model_uri: str) -> tuple[str, Any]:
 
 def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
     """The checkpoint dict behind a models:/, runs:/ URI or a local checkpoint path."""
-    from jobs.tracking import load_state
+    from jobs.registry import load_state
 
     where = f" from the MLflow store {tracking_uri}" if reads_registry(uri) else ""
     try:

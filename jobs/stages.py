@@ -18,17 +18,9 @@ from jobs.checkpoint import (
     load_latest_valid,
 )
 from jobs.ray_fit import run_stage
+from jobs.registry import load_state, register_stage
 from jobs.stage_dir import DATA_FILE, DONE_FILE, latest_checkpoint, stage_dir
-from jobs.tracking import (
-    StageRuns,
-    compute_example,
-    finish_run,
-    git_commit,
-    load_state,
-    log_dataset,
-    register_stage_model,
-    set_tag,
-)
+from jobs.tracking import StageRuns, finish_run, log_dataset, set_tag
 from jobs.train_config import TrainConfig
 from jobs.train_data import DataInfo, data_tags
 from jobs.train_loop import EXAMPLE_INPUT_FILE
@@ -192,25 +184,7 @@ def train_stages(
 def register(cfg: TrainConfig, final: Path, run_name: str, data: DataInfo, uri: str, run_id: str):
     state, _, _ = load_latest_valid(final)
     example_input = torch.load(final / EXAMPLE_INPUT_FILE, map_location="cpu", weights_only=True)
-    from model import MAST
-
-    example = compute_example(
-        MAST.from_state(state), example_input["frames"], example_input["gaps"], cfg.seed
-    )
-    tags = {
-        "stage": cfg.stage,
-        "git_commit": git_commit(),
-        "data_hash": data.content_hash,
-        "final_loss": f"{state.get('metrics', {}).get('loss', float('nan')):.6g}",
-        "run_name": run_name,
-        "step": str(state["step"]),
-    }
-    return register_stage_model(
-        uri=uri,
+    return register_stage(
+        cfg, state, example_input, run_name=run_name, data_hash=data.content_hash, uri=uri,
         run_id=run_id,
-        model_name=cfg.mlflow.registered_model,
-        stage=cfg.stage,
-        state=state,
-        example=example,
-        tags=tags,
-    )
+    )  # fmt: skip

@@ -8,11 +8,9 @@
 - One parent run per pipeline invocation (run name = `run_name`) and one child run per stage
   (`<run_name>-<stage>`); both are found again by their tags, so rerunning the same command
   or a Ray worker restart continues the same runs instead of creating duplicates.
-- Rank 0 of the training workers logs metrics, system metrics and pictures (`RankZeroTracker`).
-- The driver logs the model of each finished stage, registers it (tags: stage, git commit,
-  data hash, final loss) and moves the alias `<stage>-latest` to it. The model carries our
-  checkpoint file and a fixed example (input, seed, output) so that `load_model` +
-  `load_example` reproduce the logged reconstruction exactly.
+- Rank 0 of the training workers logs metrics, system metrics and pictures
+  (`jobs.rank_zero`); registered models are logged and loaded by `jobs.registry`; every tag
+  key and alias is in `jobs.mlflow_keys`.
 """
 
 from __future__ import annotations
@@ -21,24 +19,17 @@ import dataclasses
 import logging
 import os
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from jobs import mlflow_keys as keys
 
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TAG_RUN_NAME = "mast.run_name"
-TAG_ROLE = "mast.role"
-TAG_STAGE = "mast.stage"
-MODEL_STATE_FILE = "mast_state.pt"
-EXAMPLE_FILE = "mast_example.pt"
 
 
 class TrackingError(RuntimeError):
@@ -110,14 +101,15 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     )
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """An MLflow client whose registry is the same store as its tracking."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -146,9 +138,9 @@ def setup_runs(
     """Find or create the parent run and one child run per stage (in `stage_params` order)."""
     from mlflow.entities import Param
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp_id = ensure_experiment(uri, experiment)
-    parent_tags = {TAG_RUN_NAME: run_name, TAG_ROLE: "parent"}
+    parent_tags = {keys.RUN_NAME: run_name, keys.ROLE: keys.ROLE_PARENT}
     parent = _find_run(client, exp_id, parent_tags)
     if parent is None:
         parent = client.create_run(exp_id, run_name=run_name, tags=parent_tags).info.run_id
@@ -156,7 +148,7 @@ def setup_runs(
         log.info("continuing MLflow parent run %s (%s)", run_name, parent)
     children = {}
     for stage, params in stage_params.items():
-        tags = {TAG_RUN_NAME: run_name, TAG_ROLE: "stage", TAG_STAGE: stage}
+        tags = {keys.RUN_NAME: run_name, keys.ROLE: keys.ROLE_STAGE, keys.STAGE: stage}
         child = _find_run(client, exp_id, tags)
         if child is None:
             tags["mlflow.parentRunId"] = parent
@@ -193,7 +185,7 @@ def log_dataset(
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     existing = client.get_run(run_id).inputs.dataset_inputs
     digest = content_hash[:32]
     if any(d.dataset.digest == digest for d in existing):
@@ -204,18 +196,18 @@ def log_dataset(
     ds = MetaDataset(resolved, name=Path(source).parent.name or "data", digest=digest)
     inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
     client.log_inputs(run_id, datasets=[inp])
-    client.set_tag(run_id, "data.hash", content_hash)
-    client.set_tag(run_id, "data.num_samples", str(num_samples))
+    client.set_tag(run_id, keys.DATA_HASH, content_hash)
+    client.set_tag(run_id, keys.DATA_NUM_SAMPLES, str(num_samples))
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
 
 
 def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
-    _client(uri).set_tag(run_id, key, value)
+    mlflow_client(uri).set_tag(run_id, key, value)
 
 
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status)
+    mlflow_client(uri).set_terminated(run_id, status)
 
 
 def git_commit() -> str:
@@ -230,176 +222,3 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def comparison_image(target: torch.Tensor, reconstruction: torch.Tensor) -> np.ndarray:
-    """(H, 3W) uint8 picture: target | reconstruction | |error| (normalised channel in [-1, 1])."""
-    t = target.detach().float().cpu().reshape(target.shape[-2:])
-    r = reconstruction.detach().float().cpu().reshape(reconstruction.shape[-2:])
-    to_u8 = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    err = ((r - t).abs().clamp(0, 1) * 255).round().to(torch.uint8)
-    return torch.cat([to_u8(t), to_u8(r), err], dim=1).numpy()
-
-
-class RankZeroTracker:
-    """Every MLflow side effect of a training worker; a no-op on ranks other than 0."""
-
-    def __init__(self, enabled: bool, uri: str, run_id: str, system_metrics: bool = True):
-        self.enabled = enabled and bool(run_id)
-        self.uri, self.run_id, self.system_metrics = uri, run_id, system_metrics
-        self.logged_until: dict[str, int] = {}  # metric -> last step already in the run
-
-    def __enter__(self) -> RankZeroTracker:
-        if self.enabled:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.uri)
-            # A resumed attempt replays the steps after its checkpoint; whatever the failed
-            # attempt already logged for them stays, and is not logged a second time.
-            client = _client(self.uri)
-            for key in client.get_run(self.run_id).data.metrics:
-                history = client.get_metric_history(self.run_id, key)
-                self.logged_until[key] = max((m.step for m in history), default=-1)
-            mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.enabled:
-            import mlflow
-
-            # A failed attempt leaves the run RUNNING: the retried attempt continues it.
-            mlflow.end_run(status="FINISHED" if exc_type is None else "RUNNING")
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            import mlflow
-
-            fresh = {k: float(v) for k, v in metrics.items() if step > self.logged_until.get(k, -1)}
-            if fresh:
-                mlflow.log_metrics(fresh, step=step)
-
-    def log_picture(self, target: torch.Tensor, reconstruction: torch.Tensor, step: int) -> None:
-        if self.enabled:
-            import mlflow
-
-            image = comparison_image(target, reconstruction)
-            mlflow.log_image(image, artifact_file=f"images/step_{step:08d}.png")
-
-    def set_tag(self, key: str, value: str) -> None:
-        if self.enabled:
-            import mlflow
-
-            mlflow.set_tag(key, value)
-
-
-def compute_example(
-    model: torch.nn.Module, frames: torch.Tensor, gaps: torch.Tensor, seed: int = 0
-):
-    """The fixed example stored with a registered model: its input, seed and exact output."""
-    model.eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model(frames, gaps)
-    return {
-        "frames": frames.cpu(),
-        "gaps": gaps.cpu(),
-        "seed": seed,
-        "reconstruction": out.reconstruction.float().cpu(),
-        "target": out.target.float().cpu(),
-        "loss": float(out.loss),
-    }
-
-
-def run_example(model: torch.nn.Module, example: dict[str, Any]) -> torch.Tensor:
-    return compute_example(model, example["frames"], example["gaps"], example["seed"])[
-        "reconstruction"
-    ]
-
-
-def register_stage_model(
-    *,
-    uri: str,
-    run_id: str,
-    model_name: str,
-    stage: str,
-    state: dict[str, Any],
-    example: dict[str, Any],
-    tags: dict[str, str],
-) -> int:
-    """Log the stage's model to its run, register a new version, tag it, move `<stage>-latest`."""
-    import mlflow
-    import mlflow.pytorch
-
-    from model import MAST
-
-    model = MAST.from_state(state).eval()
-    client = _client(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        state_file, example_file = Path(tmp) / MODEL_STATE_FILE, Path(tmp) / EXAMPLE_FILE
-        keep = ("model_args", "model", "config", "step", "metrics")
-        torch.save({k: state[k] for k in keep if k in state}, state_file)
-        torch.save(example, example_file)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            image = comparison_image(example["target"][0], example["reconstruction"][0])
-            mlflow.log_image(image, artifact_file=f"model_example/{stage}.png")
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                serialization_format="pickle",
-                extra_files=[str(state_file), str(example_file)],
-                # Explicit requirements: skips MLflow's slow environment inference.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mast-train"],
-            )
-    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
-    client.set_registered_model_alias(model_name, f"{stage}-latest", version.version)
-    log.info("registered %s version %s (alias %s-latest)", model_name, version.version, stage)
-    return int(version.version)
-
-
-def is_mlflow_uri(uri: str) -> bool:
-    """models:/..., runs:/... or a remote artifact URL (not a local checkpoint path)."""
-    return uri.startswith(("models:/", "runs:/")) or (
-        "://" in uri and not uri.startswith("file://")
-    )
-
-
-def _download(uri: str, tracking_uri: str | None) -> Path:
-    import mlflow
-
-    tracking_uri = resolve_tracking_uri(tracking_uri or "")
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-
-
-def _extra_file(root: Path, name: str, uri: str) -> Path:
-    hits = sorted(root.rglob(name))
-    if not hits:
-        raise FileNotFoundError(f"{uri} has no {name}: it was not logged by jobs.train")
-    return hits[0]
-
-
-def load_state(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The checkpoint dict behind `uri` (models:/name@alias, models:/name/N, runs:/..., path)."""
-    from jobs.checkpoint import load_checkpoint
-
-    if not is_mlflow_uri(uri):
-        return load_checkpoint(uri.removeprefix("file://"))
-    root = _download(uri, tracking_uri)
-    file = _extra_file(root, MODEL_STATE_FILE, uri)
-    return torch.load(file, map_location="cpu", weights_only=False)
-
-
-def load_model(uri: str, tracking_uri: str | None = None):
-    """A MAST in eval mode from models:/name@alias, models:/name/N, runs:/... or a checkpoint."""
-    from model import MAST
-
-    return MAST.from_state(load_state(uri, tracking_uri)).eval()
-
-
-def load_example(uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The fixed example (input, seed, output) stored with a registered model."""
-    root = _download(uri, tracking_uri)
-    return torch.load(_extra_file(root, EXAMPLE_FILE, uri), map_location="cpu", weights_only=False)

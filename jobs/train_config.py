@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import storage
+from jobs import mlflow_keys as keys
 from model import MASTConfig
 from pipeline.config import STAGES, LoaderConfig
 from typedconfig import (
@@ -106,7 +107,7 @@ class ScalingSection:
 class MlflowSection:
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else sqlite under runs/mlflow
     experiment: str = "mast-train"
-    registered_model: str = "mast"
+    registered_model: str = keys.MODEL_NAME
     log_every_steps: int = 10  # scalar metrics
     image_every_steps: int = 100  # target / reconstruction / error map picture
     system_metrics: bool = True

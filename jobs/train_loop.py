@@ -39,7 +39,7 @@ from jobs.checkpoint import (
     save_checkpoint,
     unwrap,
 )
-from jobs.tracking import RankZeroTracker
+from jobs.rank_zero import RankZeroTracker
 from jobs.train_config import TrainConfig
 from typedconfig import from_dict, to_dict
 
@@ -307,7 +307,7 @@ def restore(ctx: dict[str, Any], resume_from: str | None) -> int:
         return step
     torch.manual_seed(cfg.seed * 1000003 + ctx["rank"] * 7919)
     if cfg.checkpoint.init_from:
-        from jobs.tracking import load_state
+        from jobs.registry import load_state
 
         state = load_state(cfg.checkpoint.init_from, ctx["tracking_uri"] or None)
         check_compatible(state, model.model_args, cfg.checkpoint.init_from)

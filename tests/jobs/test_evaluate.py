@@ -25,8 +25,9 @@ from davis.io import (
 from davis.metrics import evaluate_sequence
 from davis.sample import SampleConfig, generate
 from jobs.eval_config import EvalConfig
-from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion, set_tag, version_tag
+from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion
 from jobs.evaluate import EvalError, cli, davis_set_id, evaluate, main, parse_args
+from jobs.mlflow_keys import set_tag, version_tag
 from model import MAST
 from typedconfig import load_config
 
@@ -211,7 +212,8 @@ def test_ray_tasks_give_the_same_results_as_a_sequential_run(davis_root, checkpo
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """Two registered versions of a tiny model, logged with the training engineer's helper."""
-    from jobs.tracking import compute_example, register_stage_model, setup_runs
+    from jobs.registry import compute_example, register_stage_model
+    from jobs.tracking import setup_runs
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     runs = setup_runs(uri, "train", "reg", {"pretrain": {}})

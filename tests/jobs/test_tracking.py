@@ -9,17 +9,19 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from jobs.checkpoint import save_checkpoint
+from jobs.registry import (
+    compute_example,
+    load_example,
+    load_model,
+    register_stage_model,
+    run_example,
+)
 from jobs.tracking import (
     TrackingError,
     artifact_location,
     check_reachable,
-    compute_example,
-    load_example,
-    load_model,
     log_dataset,
-    register_stage_model,
     resolve_tracking_uri,
-    run_example,
     setup_runs,
 )
 from model import MAST
@@ -135,7 +137,7 @@ def test_registered_model_reproduces_its_example(uri, tmp_path):
 
 
 def test_a_resumed_attempt_does_not_log_replayed_steps_twice(uri):
-    from jobs.tracking import RankZeroTracker
+    from jobs.rank_zero import RankZeroTracker
 
     runs = setup_runs(uri, "exp", "r1", {"pretrain": {}})
     run_id = runs.child_run_ids["pretrain"]

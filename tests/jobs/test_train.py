@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from jobs.checkpoint import CheckpointError
 from jobs.ray_fit import TrainingError, check_fits
-from jobs.tracking import TrackingError, load_example, load_model, run_example
+from jobs.registry import load_example, load_model, run_example
+from jobs.tracking import TrackingError
 from jobs.train import main, parse_args
 from jobs.train_config import load_stage_configs
 from jobs.train_data import describe_data

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from jobs.ray_fit import TrainingError
-from jobs.tracking import load_model
+from jobs.registry import load_model
 from jobs.train import main, parse_args
 from jobs.train_config import load_stage_configs
 from jobs.train_loop import FAULT_MARKER, RANK_DIGESTS_FILE
