@@ -5,7 +5,7 @@ other package of this project.
     from storage import atomic_write_bytes, join, read_text
 """
 
-from storage.atomic import TMP_MARK, atomic_path, atomic_write, atomic_write_bytes
+from storage.atomic import TMP_MARK, atomic_path, atomic_write, atomic_write_bytes, fsync_dir
 from storage.fs import (
     exists,
     get_fs,
@@ -31,6 +31,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "exists",
+    "fsync_dir",
     "get_fs",
     "is_local",
     "join",

@@ -1,8 +1,10 @@
-"""Atomic writes: readers of a destination see either nothing or the complete file.
+"""Atomic, durable writes: readers of a destination see either nothing or the complete file,
+also after a power loss or a kill -9 at any point.
 
-A local file is written to `<name>.tmp-<random>` in the same directory and renamed into place
-(`os.replace`); an object-store file is written to a local temporary file and uploaded with
-one PUT (object stores never expose a half-written object).
+A local file is written to `<name>.tmp-<random>` in the same directory, fsynced, renamed into
+place (`os.replace`) and its directory fsynced (the rename itself is then on disk); an
+object-store file is written to a local temporary file and uploaded with one PUT (object
+stores never expose a half-written object).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
         try:
             with open(tmp, "wb") as f:
                 write(f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -42,6 +47,21 @@ def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename or a new file in `directory` durable (a no-op where directories cannot
+    be opened, e.g. on Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (e.g. certain network mounts) refuse a directory fsync
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(url: str, data: bytes) -> None:
@@ -58,7 +78,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb+") as f:  # what the writer left, on disk before it is published
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
