@@ -82,8 +82,19 @@ class SequenceFiles:
         return tuple(p.stem for p in self.images)
 
 
+def check_sequence_name(name: str) -> None:
+    """A sequence name is one folder name: it becomes a path under the DAVIS root and under the
+    results folder, so a split file naming `../x` or `a/b` must not reach outside them."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise DavisError(
+            f"sequence name {name!r} is not a folder name (no '/', '\\', NUL, '.' or '..'); "
+            "fix the split file or --sequences"
+        )
+
+
 def sequence_files(root: str | Path, name: str, resolution: str = RESOLUTION) -> SequenceFiles:
     """List a sequence's files and check that every frame has an image and an annotation."""
+    check_sequence_name(name)
     image_dir = Path(root) / "JPEGImages" / resolution / name
     mask_dir = Path(root) / "Annotations" / resolution / name
     images = tuple(sorted(image_dir.glob("*.jpg")))

@@ -40,7 +40,7 @@ from typing import Any
 from tqdm import tqdm
 
 import storage
-from davis.io import DavisError, read_split, write_results_csvs
+from davis.io import DavisError, check_sequence_name, read_split, write_results_csvs
 from davis.metrics import global_scores
 from jobs.eval_config import EvalConfig
 from jobs.eval_sequence import SequenceResult, run_sequence_task
@@ -126,6 +126,10 @@ def davis_set_id(root: str | Path, names: list[str], cfg: EvalConfig) -> str:
     digest = hashlib.sha256(f"ignore_void={cfg.ignore_void} bound_th={cfg.bound_th}\n".encode())
     for name in sorted(names):
         digest.update(f"{name}\n".encode())
+        try:
+            check_sequence_name(name)
+        except DavisError:
+            continue  # never read; its task reports it failed
         for png in sorted((Path(root) / "Annotations" / cfg.resolution / name).glob("*.png")):
             digest.update(png.name.encode() + hashlib.sha256(png.read_bytes()).digest())
     return digest.hexdigest()[:12]

@@ -131,6 +131,23 @@ def test_bad_sequences_are_reported_and_the_rest_scored(davis_root, checkpoint, 
     assert {r.split("_")[0] for r in rows} == set(GOOD)
 
 
+def test_sequence_names_that_leave_their_folder_are_refused(davis_root, checkpoint, tmp_path):
+    # A split file is data: `../evil` would read <root>/JPEGImages/evil and write the results
+    # to <output>/../evil. Such names fail alone; the rest is scored.
+    root = shutil.copytree(davis_root, tmp_path / "root")
+    for kind in ("JPEGImages", "Annotations"):
+        shutil.copytree(root / kind / "480p" / GOOD[0], root / kind / "evil")
+    names = [GOOD[0], "../evil", "a/b", ".."]
+    (root / "ImageSets" / "2017" / "escape.txt").write_text("\n".join(names) + "\n")
+    out = tmp_path / "results" / "out"
+    summary = evaluate(str(checkpoint), root, local_cfg(out, "split=escape"))
+    failed = {f["sequence"]: f["error"] for f in summary["failed"]}
+    assert summary["scored"] == 1 and set(failed) == {"../evil", "a/b", ".."}
+    assert all("is not a folder name" in e for e in failed.values())
+    assert not (tmp_path / "results" / "evil").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["_overlays", GOOD[0]]
+
+
 def test_label_ids_beyond_the_model_channels(davis_root, checkpoint, tmp_path):
     summary = evaluate(
         str(checkpoint), davis_root, local_cfg(tmp_path, "propagation.max_objects=3")
