@@ -51,7 +51,8 @@ import decord
 from jobs.ingest import ingest
 from pipeline.codec import resize_frame
 from pipeline.config import IngestConfig
-from pipeline.worker import clip_starts, open_reader, probe_video, read_frames, reuse_freed_buffers
+from pipeline.decode import clip_starts, open_reader, probe_video, read_frames
+from pipeline.worker import reuse_freed_buffers
 from storage import sample_video_dir
 from typedconfig import load_config, replace
 

@@ -144,7 +144,7 @@ def test_probe_and_clips_in_every_container(tmp_path, name, codec):
     from ingest_media import write_video
 
     from pipeline.config import IngestConfig
-    from pipeline.worker import _FAST_PROBE, _probe_with, probe_video, video_clips
+    from pipeline.decode import _FAST_PROBE, _probe_with, probe_video, video_clips
 
     rotation = 180 if name.startswith("r") else 0
     preset = "medium" if name.startswith("g") else "ultrafast"  # g: B-frames, High profile
@@ -176,7 +176,7 @@ def test_clips_equal_an_independent_decode_of_their_frames(geometry):
 
     from pipeline.codec import frame_to_float16_lab, frame_to_stored_lab
     from pipeline.config import IngestConfig
-    from pipeline.worker import open_reader, probe_video, read_frames, video_clips
+    from pipeline.decode import open_reader, probe_video, read_frames, video_clips
 
     path = str(sample_video_dir() / "carphone_pristine.mp4")
     cfg = IngestConfig(clips_per_video=0, size=(32, 40), **geometry)
@@ -216,7 +216,7 @@ def test_narrow_frames_decode_as_pyav_does(tmp_path, width):
     import decord
     from ingest_media import sample_video_dir, write_video
 
-    from pipeline.worker import read_frames
+    from pipeline.decode import read_frames
 
     path = str(write_video(tmp_path / "narrow.mp4", 4, 32, width))
     reader = decord.VideoReader(path, num_threads=1)
@@ -246,7 +246,7 @@ def test_av1_falls_back_to_pyav(tmp_path):
 
     from pipeline.codec import frame_to_stored_lab
     from pipeline.config import IngestConfig
-    from pipeline.worker import video_clips
+    from pipeline.decode import video_clips
 
     path = str(write_video(tmp_path / "av1.mp4", 10, 48, 64, codec="libsvtav1"))
     cfg = IngestConfig(clip_len=3, frame_step=2, clips_per_video=2, size=(32, 32), storage="png")
@@ -267,21 +267,21 @@ def test_pyav_decoded_video_streams_its_frames(tmp_path, monkeypatch):
     import av
     from ingest_media import write_video
 
-    from pipeline import worker
+    from pipeline import decode
     from pipeline.codec import frame_to_stored_lab
     from pipeline.config import IngestConfig
 
     decoded = []
-    pyav_frames = worker._pyav_frames
+    pyav_frames = decode._pyav_frames
 
     def counted(*args):
         for i, frame in pyav_frames(*args):
             decoded.append(i)
             yield i, frame
 
-    monkeypatch.setattr(worker, "_pyav_frames", counted)
+    monkeypatch.setattr(decode, "_pyav_frames", counted)
     path = str(write_video(tmp_path / "rotated.mp4", 40, 72, 128, rotation=90))
-    info, clips = worker.video_clips(path, IngestConfig(clip_len=4, size=(32, 32)))
+    info, clips = decode.video_clips(path, IngestConfig(clip_len=4, size=(32, 32)))
     assert (info.decoder, info.height, info.width) == ("pyav", 128, 72)
     ci, idx, _ = next(clips)
     assert (ci, idx, decoded) == (0, [0, 1, 2, 3], [0, 1, 2, 3])  # no frame beyond the clip
@@ -309,7 +309,7 @@ def test_anamorphic_video_is_stored_as_shown(tmp_path, rotation):
 
     from pipeline.codec import frame_to_stored_lab
     from pipeline.config import IngestConfig
-    from pipeline.worker import probe_video
+    from pipeline.decode import probe_video
 
     path = str(write_video(tmp_path / "sar.mp4", 12, 64, 96, sar=(2, 1), rotation=rotation))
     cfg = IngestConfig(clip_len=3, frame_step=2, clips_per_video=2, size=(32, 32), storage="raw")
@@ -381,7 +381,7 @@ def test_clips_stop_with_a_clear_error_where_the_frames_end():
     # A stream with fewer frames than its container promised: the clips made so far come
     # out, then an error that says which frame was missing (the worker keeps those clips).
     from pipeline.config import IngestConfig
-    from pipeline.worker import _clips
+    from pipeline.decode import _clips
 
     frame = np.full((8, 8, 3), 128, np.uint8)
     cfg = IngestConfig(clip_len=2, size=(8, 8), storage="png")

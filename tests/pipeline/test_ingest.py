@@ -20,7 +20,7 @@ from jobs.ingest import ingest
 from model.colour import quantise_lab, rgb_to_lab
 from pipeline.codec import decode_clip, decoder_scales, resize_frame, scaled_size
 from pipeline.config import IngestConfig
-from pipeline.worker import clip_starts
+from pipeline.decode import clip_starts
 from storage import TMP_MARK
 from typedconfig import from_dict
 

@@ -11,10 +11,11 @@ import pytest
 
 from jobs.ingest import _read_done
 from pipeline.config import IngestConfig
+from pipeline.decode import clip_starts
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ShardSpec, assign, load_assignment, plan_shards
 from pipeline.summary import build_manifest, summary_table
-from pipeline.worker import accepted_hashes, clip_starts, config_hash
+from pipeline.worker import accepted_hashes, config_hash
 from typedconfig import ConfigError, from_dict, load_config, replace
 
 EXT = ("mp4", "mov")
