@@ -80,6 +80,11 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
                 if r.status != 200:
                     raise TrackingError(f"MLflow server {uri} answered {r.status} on /health")
+            # MLflow's basic-auth app leaves /health open, so it proves nothing about the
+            # login: one authenticated read does, before any Ray worker or GPU is started.
+            _check_credentials(uri.rstrip("/"), timeout_s)
+        except TrackingError:
+            raise
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(
                 f"MLflow tracking server {uri} is unreachable ({e}). Start it (`mlflow server "
@@ -99,6 +104,51 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         "http(s)://server:port or a database URI MLflow takes (postgresql://, mysql://); set "
         "mlflow.tracking_uri or MLFLOW_TRACKING_URI"
     )
+
+
+def _check_credentials(server: str, timeout_s: float) -> None:
+    """Raise TrackingError unless `server` accepts the credentials MLflow's client would send.
+
+    The same environment variables as the client (mlflow.utils.rest_utils): Basic auth from
+    MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD, else a Bearer MLFLOW_TRACKING_TOKEN.
+    A server without authentication answers 200 whatever is sent.
+    """
+    import base64
+
+    path = "/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(server + path)
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN", "")
+    if username and password:
+        basic = base64.b64encode(f"{username}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as e:
+        answer = e.read(300).decode(errors="replace").strip()
+        if e.code not in (401, 403):
+            raise TrackingError(
+                f"MLflow tracking server {server} answered HTTP {e.code} on {path}: {answer}"
+            ) from e
+        if "Host header" in answer:  # MLflow's --allowed-hosts check, not the login
+            raise TrackingError(
+                f"MLflow tracking server {server} refused the Host header (HTTP {e.code}): add "
+                "this host name to the server's --allowed-hosts"
+            ) from e
+        sent = (
+            f"user {username!r}"
+            if username and password
+            else "a request without credentials (MLFLOW_TRACKING_USERNAME/PASSWORD not both set)"
+        )
+        raise TrackingError(
+            f"MLflow tracking server {server} refused {sent} (HTTP {e.code}: {answer}). It "
+            "requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a "
+            "user of that server (in the cluster: the Secret mlflow-jobs, infra/README.md)."
+        ) from e
 
 
 def mlflow_client(uri: str):

@@ -3,8 +3,10 @@
 Each file is parsed and the fields we rely on are checked with the real tools' own parsers
 where they exist: the Ray cluster launcher's JSON schema and config validation, `ray start`'s
 and `mlflow server`'s command-line parsers, Ray's RuntimeEnv and its working_dir exclude
-matcher, and each job module's own `parse_args` and config loader for the RayJob entrypoints.
-A scan proves that no credential is written in any file.
+matcher, each job module's own `parse_args` and config loader for the RayJob entrypoints, and
+MLflow's own auth-config reader for the tracking server's login settings. A scan proves that no
+credential is written in any file; the logins the manifests reference come from Secrets.
+(tests/infra/test_mlflow_auth.py runs that server for real.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ RAYJOBS = {
     "train": "rayjob-train.yaml",
     "evaluate": "rayjob-evaluate.yaml",
 }
+# What MLflow's client sends to an authenticating server (mlflow.environment_variables).
+MLFLOW_LOGIN_VARS = {
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+}
+# The Secret the Ray pods take their MLflow login from (infra/README.md creates it).
+JOBS_SECRET = "mlflow-jobs"
 
 
 def load_all(path: Path) -> list[dict]:
@@ -42,6 +52,14 @@ def load_all(path: Path) -> list[dict]:
 def load_one(path: Path) -> dict:
     (doc,) = load_all(path)
     return doc
+
+
+def load_by_kind(path: Path) -> dict[str, dict]:
+    """A multi-document manifest as {kind: document}; each kind appears once."""
+    docs = load_all(path)
+    kinds = [d["kind"] for d in docs]
+    assert len(set(kinds)) == len(kinds), f"{path}: several documents of one kind {kinds}"
+    return dict(zip(kinds, docs))
 
 
 def containers(pod_template: dict) -> list[dict]:
@@ -96,7 +114,7 @@ def test_one_image_and_the_installed_ray_version_everywhere():
         assert spec["rayVersion"] == ray.__version__, name
         groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
         images |= {c["image"] for g in groups for c in containers(g["template"])}
-    mlflow_deploy = load_all(K8S / "mlflow.yaml")[0]
+    mlflow_deploy = load_by_kind(K8S / "mlflow.yaml")["Deployment"]
     images |= {c["image"] for c in containers(mlflow_deploy["spec"]["template"])}
     assert images == {IMAGE}
 
@@ -233,6 +251,8 @@ def test_rayjob_runtime_env_is_valid_for_ray(job):
     env = yaml.safe_load(load_one(K8S / RAYJOBS[job])["spec"]["runtimeEnvYAML"])
     RuntimeEnv(**env)
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI
+    # The login never travels in the job spec (`ray job list` shows it): pods have it from a Secret.
+    assert not MLFLOW_LOGIN_VARS & set(env["env_vars"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +268,7 @@ def test_runtime_env_is_valid_and_excludes_heavy_directories(tmp_path):
     assert set(cfg) == {"working_dir", "excludes", "env_vars"}
     assert all(isinstance(v, str) for v in cfg["env_vars"].values())
     assert cfg["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI
+    assert not MLFLOW_LOGIN_VARS & set(cfg["env_vars"])
 
     # Ray's own matcher, on a tree shaped like the project: heavy directories are pruned as a
     # whole (matched by their bare path, so Ray never walks into them), code is kept.
@@ -283,23 +304,24 @@ def test_runtime_env_is_valid_and_excludes_heavy_directories(tmp_path):
 # MLflow tracking server and its database.
 
 
-def test_mlflow_server_deployment_backends_and_probe():
+def secret_ref(env: dict) -> dict:
+    """{"name": ..., "key": ...} of an env entry that must come from a Secret."""
+    assert "value" not in env, env["name"]
+    return env["valueFrom"]["secretKeyRef"]
+
+
+def test_mlflow_server_deployment_backends_auth_and_probe():
+    from mlflow import environment_variables as mlflow_env
     from mlflow.cli import server
 
-    deploy, service, account = load_all(K8S / "mlflow.yaml")
-    assert [deploy["kind"], service["kind"], account["kind"]] == [
-        "Deployment",
-        "Service",
-        "ServiceAccount",
-    ]
+    docs = load_by_kind(K8S / "mlflow.yaml")
+    assert set(docs) == {"ConfigMap", "Deployment", "Service", "ServiceAccount", "NetworkPolicy"}
+    deploy, service, account = docs["Deployment"], docs["Service"], docs["ServiceAccount"]
     (c,) = containers(deploy["spec"]["template"])
     assert c["command"] == ["mlflow", "server"]
     env = {e["name"]: e for e in c["env"]}
     # The backend URI (it holds the DB password) comes from a Secret, expanded by Kubernetes.
-    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {
-        "name": "mlflow-backend",
-        "key": "uri",
-    }
+    assert secret_ref(env["MLFLOW_BACKEND_STORE_URI"]) == {"name": "mlflow-backend", "key": "uri"}
     args = [
         a.replace("$(MLFLOW_BACKEND_STORE_URI)", "postgresql://u@postgres:5432/mlflow")
         for a in c["args"]
@@ -307,10 +329,37 @@ def test_mlflow_server_deployment_backends_and_probe():
     params = server.make_context("server", args).params  # MLflow's own CLI parser
     assert "$(MLFLOW_BACKEND_STORE_URI)" in " ".join(c["args"])
     assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"] is True
+    # Every request is authenticated by MLflow's basic-auth app; the NetworkPolicy (below)
+    # decides who may connect to the port that listens on all interfaces.
+    assert params["app_name"] == "basic-auth"
     assert params["host"] == "0.0.0.0" and params["port"] == 5000
     assert "mlflow.mast.svc.cluster.local:5000" in params["allowed_hosts"].split(",")
+    # The auth app's login settings, by the names MLflow reads them: admin login and the Flask
+    # session key (the same in every worker of both replicas) from the Secret `mlflow-auth`.
+    assert {
+        name: secret_ref(env[name])
+        for name in (
+            mlflow_env.MLFLOW_AUTH_ADMIN_USERNAME.name,
+            mlflow_env.MLFLOW_AUTH_ADMIN_PASSWORD.name,
+            mlflow_env.MLFLOW_FLASK_SERVER_SECRET_KEY.name,
+        )
+    } == {
+        "MLFLOW_AUTH_ADMIN_USERNAME": {"name": "mlflow-auth", "key": "admin-username"},
+        "MLFLOW_AUTH_ADMIN_PASSWORD": {"name": "mlflow-auth", "key": "admin-password"},
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": {"name": "mlflow-auth", "key": "flask-secret-key"},
+    }
+    assert env[mlflow_env.MLFLOW_BASIC_AUTH_FAIL_CLOSED.name]["value"] == "true"
+    # The auth config file is the ConfigMap, mounted where MLFLOW_AUTH_CONFIG_PATH points.
+    config_path = Path(env[mlflow_env.MLFLOW_AUTH_CONFIG_PATH.name]["value"])
+    (mount,) = [m for m in c["volumeMounts"] if Path(m["mountPath"]) == config_path.parent]
+    (volume,) = [
+        v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
+    assert volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert config_path.name in docs["ConfigMap"]["data"]
     for probe in ("readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"]["path"] == "/health"  # exempt from MLflow's host check
+        # Exempt from MLflow's host check and from the login (the kubelet has none).
+        assert c[probe]["httpGet"]["path"] == "/health"
     # Service -> pod wiring, and the in-cluster URI the jobs use.
     assert service["spec"]["selector"] == deploy["spec"]["template"]["metadata"]["labels"]
     (port,) = service["spec"]["ports"]
@@ -321,8 +370,141 @@ def test_mlflow_server_deployment_backends_and_probe():
     assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
+def test_mlflow_auth_config_as_mlflow_reads_it(tmp_path, monkeypatch):
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import get_permission
+    from sqlalchemy.engine import make_url
+
+    docs = load_by_kind(K8S / "mlflow.yaml")
+    (ini_name, ini) = next(iter(docs["ConfigMap"]["data"].items()))
+    (tmp_path / ini_name).write_text(ini)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / ini_name))
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = read_auth_config()  # MLflow's own reader: the settings exactly as the server sees them
+    # Logged-in users read everything and change only what they own or were granted.
+    default = get_permission(cfg.default_permission)
+    assert default.can_read and not (default.can_update or default.can_delete or default.can_manage)
+    assert cfg.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+    # No admin login in the file: it comes from the Secret via env vars only.
+    assert cfg.admin_username is None and cfg.admin_password is None
+    # Users live in their own PostgreSQL database, shared by both replicas; the URI has no
+    # password (libpq takes PGPASSWORD, from the same Secret as the database's own password).
+    url = make_url(cfg.database_uri)
+    assert url.get_backend_name() == "postgresql" and url.password is None
+    postgres = load_by_kind(K8S / "postgres.yaml")
+    stateful, pg_service = postgres["StatefulSet"], postgres["Service"]
+    (pg,) = containers(stateful["spec"]["template"])
+    pg_env = {e["name"]: e for e in pg["env"]}
+    assert url.host == f"{pg_service['metadata']['name']}.mast.svc.cluster.local"
+    assert url.port == pg_service["spec"]["ports"][0]["port"]
+    assert url.username == pg_env["POSTGRES_USER"]["value"]
+    assert url.database not in ("", pg_env["POSTGRES_DB"]["value"])  # not the runs' database
+    (server,) = containers(docs["Deployment"]["spec"]["template"])
+    server_env = {e["name"]: e for e in server["env"]}
+    assert secret_ref(server_env["PGPASSWORD"]) == secret_ref(pg_env["POSTGRES_PASSWORD"])
+    # ... and postgres.yaml creates that database when it initialises an empty volume.
+    init = postgres["ConfigMap"]
+    assert f"CREATE DATABASE {url.database};" in "".join(init["data"].values())
+    (volume,) = [
+        v
+        for v in stateful["spec"]["template"]["spec"]["volumes"]
+        if v.get("configMap", {}).get("name") == init["metadata"]["name"]
+    ]
+    (mount,) = [m for m in pg["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == "/docker-entrypoint-initdb.d"  # run by the postgres image
+
+
+# Labels KubeRay itself puts on every head and worker pod, besides the template's own
+# (ray-operator/controllers/ray/common/pod.go, labelPod); the submitter pod has none of them.
+def kuberay_pod_labels(template: dict, cluster: str, node_type: str, group: str) -> dict:
+    return {
+        **template.get("metadata", {}).get("labels", {}),
+        "ray.io/is-ray-node": "yes",
+        "ray.io/cluster": cluster,
+        "ray.io/node-type": node_type,
+        "ray.io/group": group,
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) == {"matchLabels"}, "only matchLabels is modelled here"
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_mlflow_network_policy_admits_only_this_projects_ray_pods():
+    docs = load_by_kind(K8S / "mlflow.yaml")
+    policy, deploy = docs["NetworkPolicy"], docs["Deployment"]
+    assert policy["apiVersion"] == "networking.k8s.io/v1"
+    spec = policy["spec"]
+    assert selects(spec["podSelector"], deploy["spec"]["template"]["metadata"]["labels"])
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # same namespace only; no namespaceSelector / ipBlock
+    (c,) = containers(deploy["spec"]["template"])
+    assert rule["ports"] == [{"protocol": "TCP", "port": c["ports"][0]["containerPort"]}]
+    # Every Ray pod of every manifest is admitted ...
+    for name, ray_spec in ray_cluster_specs().items():
+        groups = [("head", "headgroup", ray_spec["headGroupSpec"])]
+        groups += [("worker", g["groupName"], g) for g in ray_spec["workerGroupSpecs"]]
+        for node_type, group_name, group in groups:
+            labels = kuberay_pod_labels(group["template"], "mast", node_type, group_name)
+            assert selects(peer["podSelector"], labels), f"{name}: {group_name} is not admitted"
+    # ... and nothing else: the server itself, PostgreSQL, another team's Ray cluster in the
+    # namespace, or the RayJob submitter pod.
+    postgres = load_by_kind(K8S / "postgres.yaml")["StatefulSet"]
+    others = {
+        "mlflow": deploy["spec"]["template"]["metadata"]["labels"],
+        "postgres": postgres["spec"]["template"]["metadata"]["labels"],
+        "foreign ray pod": kuberay_pod_labels({}, "other", "worker", "w"),
+        "submitter": {"batch.kubernetes.io/job-name": "mast-train"},
+    }
+    for what, labels in others.items():
+        assert not selects(peer["podSelector"], labels), what
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", *RAYJOBS.values()])
+def test_every_ray_container_logs_in_to_mlflow_from_the_jobs_secret(name):
+    spec = ray_cluster_specs()[name]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for c in containers(group["template"]):
+            env = {e["name"]: e for e in c.get("env", [])}
+            # Drivers and Ray workers inherit the container's environment, so every process
+            # that calls MLflow (rank 0, the registry, evaluation) sends this login.
+            assert secret_ref(env["MLFLOW_TRACKING_USERNAME"]) == {
+                "name": JOBS_SECRET,
+                "key": "username",
+            }
+            assert secret_ref(env["MLFLOW_TRACKING_PASSWORD"]) == {
+                "name": JOBS_SECRET,
+                "key": "password",
+            }
+
+
+def test_the_image_installs_the_mlflow_auth_app():
+    # `mlflow server --app-name basic-auth` imports Flask-WTF (mlflow's `auth` extra); the
+    # image installs the project with its cuda and cloud extras, so one of those (or the
+    # base dependencies) must pull it in, or the server pods crash-loop on an ImportError.
+    import tomllib
+    from packaging.requirements import Requirement
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    shipped = [
+        Requirement(r)
+        for r in meta["dependencies"]
+        + [r for x in ("cuda", "cloud") for r in meta["optional-dependencies"][x]]
+    ]
+    assert any(
+        (r.name == "mlflow" and "auth" in r.extras) or r.name.lower() == "flask-wtf"
+        for r in shipped
+    ), "add mlflow[auth] to the project's dependencies: the MLflow server image needs it"
+
+
 def test_postgres_password_comes_from_a_secret():
-    stateful, service = load_all(K8S / "postgres.yaml")
+    docs = load_by_kind(K8S / "postgres.yaml")
+    stateful, service = docs["StatefulSet"], docs["Service"]
     (c,) = containers(stateful["spec"]["template"])
     env = {e["name"]: e for e in c["env"]}
     assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgres"
