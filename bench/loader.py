@@ -32,8 +32,8 @@ import torch
 from pipeline.codec import decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import iter_shard, make_train_loader
+from pipeline.manifest import MANIFEST, build_manifest, read_manifest
 from pipeline.sharding import assign
-from pipeline.summary import build_manifest, write_manifest
 from pipeline.worker import process_shard
 from storage import sample_video_dir
 from typedconfig import load_config, replace, to_dict
@@ -50,21 +50,21 @@ def make_shards(dst: Path, cfg: IngestConfig, videos: list[str]) -> Path:
     dst.mkdir(parents=True)
     specs = assign(videos, str(dst), 1)
     stats = {s.index: process_shard(s, to_dict(cfg)) for s in specs}
-    write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
-    return dst / "manifest.json"
+    build_manifest(specs, stats, {}, cfg).write(str(dst))
+    return dst / MANIFEST
 
 
 def codec_figures(manifest: Path) -> tuple[float, float]:
     """(bytes per frame, decode frames/s) over every clip of the shards."""
-    meta = json.loads(manifest.read_text())
+    meta = read_manifest(str(manifest))
     clips = [(ext, data, len(rec["frame_indices"]))
-             for name in meta["shards"]
-             for _, rec, ext, data in iter_shard(str(manifest.parent / name))]  # fmt: skip
+             for url in meta.shard_set(str(manifest)).urls
+             for _, rec, ext, data in iter_shard(url)]  # fmt: skip
     frames = sum(t for _, _, t in clips)
     start = time.perf_counter()
     for ext, data, t in clips:
         decode_clip(ext, data, t)
-    return meta["bytes"] / meta["num_frames"], frames / (time.perf_counter() - start)
+    return meta.bytes / meta.num_frames, frames / (time.perf_counter() - start)
 
 
 def loader_rate(manifest: Path, batches: int, per_clip: int) -> tuple[float, float]:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from jobs.train_config import load_stage_configs
 from jobs.train_loop import train_loop_per_worker
+from jobs.worker import LoopConfig
 from storage import sample_video_dir
-from typedconfig import to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench.train")
@@ -68,12 +68,10 @@ def run(stage: str, workers: int, manifest: Path, work: Path, args) -> dict[str,
         ],
     )[0]  # fmt: skip
     name = f"{stage}-{workers}w"
+    loop = LoopConfig(train=cfg, source=str(manifest), run_dir=str(work / "ray" / name))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": to_dict(cfg), "source": str(manifest), "run_dir": str(work / "ray" / name),
-            "tracking_uri": "", "mlflow_run_id": "",
-        },
+        train_loop_config=loop.to_dict(),
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=str(work / "ray")),

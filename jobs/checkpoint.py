@@ -8,7 +8,8 @@ so `MAST.from_state(state)` rebuilds the model (the format `jobs.tracking.load_m
 
 A directory without its completion marker, or whose file does not unpickle, is corrupt: it is
 recorded (a warning, and once a line in `corrupt_checkpoints.jsonl` beside it) and skipped,
-and the next older checkpoint of the same run is used instead.
+and the next candidate is tried (`load_first_readable`; `jobs.stage_dir` lists the
+candidates: the next older checkpoint of the same stage).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -175,39 +176,32 @@ def record_corrupt(path: Path, error: Exception) -> None:
         log.warning("could not record corrupt checkpoint in %s: %s", log_file, e)
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step in a `checkpoint_<step>` directory's name; -1 for any other name."""
-    try:
-        return int(path.name.rsplit("_", 1)[-1])
-    except ValueError:
-        return -1
+class ReadableCheckpoint(NamedTuple):
+    """A checkpoint that loaded: its state, its directory, and the corrupt ones skipped first."""
+
+    state: dict[str, Any]
+    path: Path
+    skipped: list[str]
 
 
-def load_latest_valid(latest: str | Path) -> tuple[dict[str, Any], Path, list[str]]:
-    """Load `latest`; if corrupt, fall back to the newest older sibling `checkpoint_*` dir.
+def load_first_readable(candidates: list[Path]) -> ReadableCheckpoint:
+    """The first of `candidates` that loads, each corrupt one before it recorded and skipped.
 
-    Returns (state, path used, [skipped corrupt paths]). Raises NoReadableCheckpoint if none
-    loads: the caller decides between starting afresh and an error that names the fix.
+    Which checkpoints to try, in which order, is the stage directory's choice
+    (`jobs.stage_dir.StageDir`). Raises NoReadableCheckpoint if none loads: the caller decides
+    between starting afresh and an error that names the fix.
     """
-    latest = Path(latest)
-    candidates = [latest]
-    if latest.parent.is_dir():
-        older = [
-            p
-            for p in latest.parent.glob("checkpoint_*")
-            if p.is_dir() and p != latest and checkpoint_step(p) < checkpoint_step(latest)
-        ]
-        candidates += sorted(older, key=checkpoint_step, reverse=True)
     skipped: list[str] = []
     for path in candidates:
         try:
-            return load_checkpoint(path), path, skipped
+            return ReadableCheckpoint(load_checkpoint(path), path, skipped)
         except CheckpointError as e:
             record_corrupt(path, e)
             skipped.append(str(path))
+    where = candidates[0].parent if candidates else Path(".")
     raise NoReadableCheckpoint(
-        f"no readable checkpoint in {latest.parent}: {[Path(p).name for p in skipped]} are all "
-        f"corrupt (recorded in {latest.parent / CORRUPT_LOG})",
+        f"no readable checkpoint in {where}: {[Path(p).name for p in skipped]} are all "
+        f"corrupt (recorded in {where / CORRUPT_LOG})",
         skipped,
     )
 

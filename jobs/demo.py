@@ -21,7 +21,6 @@ skipped, finished stages are reused, the sample set is kept; `--fresh` starts ov
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ import numpy as np
 import yaml
 
 from jobs import mlflow_keys as keys
+from pipeline.manifest import MANIFEST, read_manifest
 from storage import SAMPLE_VIDEOS, sample_video_dir
 
 log = logging.getLogger("jobs.demo")
@@ -211,11 +211,11 @@ def main(args: argparse.Namespace) -> dict:
         evaluations[label] = _read_global(out / "global_results-val.csv")
     evaluations["copy first frame"] = copy_first_frame_baseline(davis, "val")
 
-    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest = read_manifest(str(shards / MANIFEST))
     print("\n== Demo summary")
     print(
-        f"data: {len(videos)} real videos -> {manifest.get('num_samples')} clips in "
-        f"{len(manifest.get('shards', []))} shards (content hash {str(manifest.get('content_hash'))[:12]})"
+        f"data: {len(videos)} real videos -> {manifest.num_samples} clips in "
+        f"{len(manifest.shards)} shards (content hash {manifest.content_hash[:12]})"
     )
     print(f"\nregistered model versions of {keys.MODEL_NAME!r} (one per stage):")
     print(table(registry_rows(tracking_uri), ["version", "stage", "final_loss", "J&F", "aliases"]))

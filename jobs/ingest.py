@@ -20,7 +20,6 @@ bad input or config, or when no video gave a clip.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -30,10 +29,11 @@ from typing import Any
 import storage
 from pipeline.config import IngestConfig
 from pipeline.distributor import placeable, ray_may_grow, run_shards
+from pipeline.manifest import MANIFEST, build_manifest, read_manifest
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ASSIGNMENT, assign
-from pipeline.summary import MANIFEST, build_manifest, summary_table, write_manifest
-from pipeline.worker import accepted_hashes, config_hash, shard_tars
+from pipeline.summary import summary_table
+from pipeline.worker import read_done
 from typedconfig import ConfigError, config_help, load_config
 
 log = logging.getLogger("jobs.ingest")
@@ -86,37 +86,6 @@ def clean(dst: str, *, everything: bool) -> None:
             storage.remove(storage.join(dst, name))
 
 
-def _read_done(shards: list[Any], cfg: IngestConfig) -> dict[int, dict[str, Any]]:
-    sizes = storage.list_sizes(shards[0].output) if shards else {}
-    done = {}
-    expected, accepted = config_hash(cfg), accepted_hashes(cfg)
-    for spec in shards:
-        if spec.stats_url.rsplit("/", 1)[-1] not in sizes:
-            continue
-        stats = json.loads(storage.read_text(spec.stats_url))
-        # A tar deleted, truncated or replaced after the shard was done: write the shard
-        # again (the same bytes). Sizes are what can be checked without reading every tar.
-        damaged = [t for t in shard_tars(spec, stats) if sizes.get(t["name"]) != t["bytes"]]
-        if damaged:
-            t = damaged[0]
-            log.warning(
-                "%s is %s, its stats say %d bytes: writing shard %d again",
-                storage.join(spec.output, t["name"]),
-                f"{sizes[t['name']]} bytes" if t["name"] in sizes else "missing",
-                t["bytes"],
-                spec.index,
-            )
-            continue
-        if stats.get("config_hash") not in accepted:
-            raise ConfigError(
-                f"{spec.stats_url} was written with a different ingest config "
-                f"({stats.get('config_hash')} != {expected}); rerun with --overwrite or choose "
-                "a new --output"
-            )
-        done[spec.index] = stats
-    return done
-
-
 def ingest(
     src: str,
     dst: str,
@@ -126,8 +95,8 @@ def ingest(
     progress: bool = True,
     videos: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job (Ray must be initialised); returns the manifest, plus run figures
-    under keys starting with "_" (wall seconds, task CPU seconds, frames written)."""
+    """Run the whole job (Ray must be initialised); returns the manifest's JSON object, plus
+    run figures under keys starting with "_" (wall seconds, task CPU seconds, frames written)."""
     start = time.perf_counter()
     if videos is None:
         videos = list_videos(src, cfg.extensions)
@@ -135,7 +104,7 @@ def ingest(
     storage.makedirs(dst)
     clean(dst, everything=overwrite)
     shards = assign(videos, dst, cfg.videos_per_shard)
-    stats = _read_done(shards, cfg)
+    stats = read_done(shards, cfg)
     todo = [s for s in shards if s.index not in stats]
     log.info(
         "%d videos in %d shards: %d done, %d to write -> %s",
@@ -148,12 +117,14 @@ def ingest(
     for s in completed:
         stats[s["index"]] = {k: v for k, v in s.items() if k not in ("seconds", "cpu_seconds")}
     manifest = build_manifest(shards, stats, errors, cfg)
-    write_manifest(dst, manifest)
+    manifest.write(dst)
     # Run figures, not part of the written manifest (which is deterministic).
-    manifest["_seconds"] = time.perf_counter() - start
-    manifest["_task_cpu_seconds"] = sum(s["cpu_seconds"] for s in completed)
-    manifest["_frames_written"] = sum(s["num_frames"] for s in completed)
-    return manifest
+    return {
+        **manifest.to_json(),
+        "_seconds": time.perf_counter() - start,
+        "_task_cpu_seconds": sum(s["cpu_seconds"] for s in completed),
+        "_frames_written": sum(s["num_frames"] for s in completed),
+    }
 
 
 def check_output(dst: str) -> None:
@@ -196,20 +167,20 @@ def main(args: argparse.Namespace) -> int:
         ray.init(log_to_driver=False, **local)
     try:
         check_task_cpus(cfg, may_grow=ray_may_grow())
-        manifest = ingest(
+        run = ingest(
             args.input, args.output, cfg, overwrite=args.overwrite,
             progress=not args.no_progress, videos=videos,
         )  # fmt: skip
+        url = storage.join(args.output, MANIFEST)
+        manifest = read_manifest(url)  # what was written, through the reader training uses
     except ConfigError as e:
         log.error("%s", e)
         return 1
-    seconds = manifest.pop("_seconds")
-    manifest = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    print(summary_table(manifest, seconds))
-    print(f"manifest: {storage.join(args.output, MANIFEST)}")
-    if manifest["incomplete_shards"]:
+    print(summary_table(manifest, run["_seconds"]))
+    print(f"manifest: {url}")
+    if manifest.incomplete_shards:
         return 2
-    if not manifest["num_samples"]:
+    if not manifest.num_samples:
         log.error("no video gave a clip (manifest 'problems' says why for each)")
         return 1
     return 0

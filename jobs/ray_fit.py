@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-from jobs.checkpoint import NoReadableCheckpoint, checkpoint_step, load_latest_valid
-from jobs.stage_dir import latest_checkpoint, stage_dir
+from jobs.stage_dir import StageDir
 from jobs.train_config import TrainConfig
 from jobs.train_data import DataInfo
 from jobs.train_loop import train_loop_per_worker
+from jobs.worker import LoopConfig
 from pipeline.distributor import placeable, ray_may_grow
 from typedconfig import ConfigError, to_dict
 
@@ -75,35 +75,36 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
     )
 
 
-def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str, run_id: str):
+def run_stage(
+    cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str, run_id: str
+) -> tuple[Path, dict[str, Any]]:
     """One Ray Train fit; returns (final checkpoint dir, final metrics)."""
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = stage_dir(cfg, run_name)
+    where = StageDir.of(cfg, run_name)
     local_mode = cfg.scaling.num_workers == 0
     if cfg.scaling.use_gpu == "auto":
         gpus = torch.cuda.device_count() if local_mode else ray.cluster_resources().get("GPU", 0)
         use_gpu = gpus > 0
     else:
         use_gpu = cfg.scaling.use_gpu == "true"
-    latest = latest_checkpoint(run_dir)
     loop_config = {
         "train": to_dict(cfg),
-        "source": data.source,
-        "run_dir": str(run_dir),
+        "source": data.shard_set,
+        "run_dir": str(where.path),
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "local_mode": local_mode,
-        # The newest checkpoint on disk. Local mode (num_workers=0) resumes from it; Ray
-        # restores its own runs by name, from it when its record of the run is older.
-        "resume_from": str(latest) if latest else None,
     }
+    # Converted here as every worker converts it: a dict they would refuse fails before any
+    # worker starts. Ray Train takes a dict (it is what crosses to the workers).
+    loop = LoopConfig.from_dict(loop_config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config=loop.to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -111,8 +112,8 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=where.path.name,
+            storage_path=str(where.path.parent),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
@@ -122,7 +123,7 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
     except ray.train.TrainingFailedError as e:
         raise TrainingError(
             f"stage {cfg.stage} failed after {cfg.scaling.max_failures} retries: {e}\n"
-            f"checkpoints stay in {run_dir}; rerun the same command (same --run-name) to resume"
+            f"checkpoints stay in {where.path}; rerun the same command (same --run-name) to resume"
         ) from e
     if result.error is not None:
         raise TrainingError(f"stage {cfg.stage} failed: {result.error}") from result.error
@@ -130,21 +131,11 @@ def run_stage(cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str
     if metrics.get("error"):
         raise TrainingError(
             f"stage {cfg.stage} stopped: {metrics['error']}; the last good checkpoint stays in "
-            f"{run_dir} (lower optim.lr or set optim.grad_clip, then rerun the same command)"
+            f"{where.path} (lower optim.lr or set optim.grad_clip, then rerun the same command)"
         )
-    final = latest_checkpoint(run_dir)
-    if result.checkpoint is not None and not local_mode:
-        reported = Path(result.checkpoint.path)
-        if final is None or checkpoint_step(final) <= checkpoint_step(reported):
-            final = reported
-        else:  # newer on disk than in Ray's record: a job killed after the stage's last
-            # checkpoint landed, before Ray recorded it. The rerun's workers resumed from it at
-            # the last step and reported nothing, so Ray's is the older one. Taken if it reads
-            # (else the newest one below it that does: Ray's, beside it in run_dir).
-            try:
-                final = load_latest_valid(final)[1]
-            except NoReadableCheckpoint:
-                final = reported
+    # Local mode: Ray persists nothing; the newest checkpoint written in place is the final one.
+    reported = None if local_mode or result.checkpoint is None else result.checkpoint.path
+    final = where.final_checkpoint(reported)
     if final is None:
-        raise TrainingError(f"stage {cfg.stage} ended without a checkpoint in {run_dir}")
+        raise TrainingError(f"stage {cfg.stage} ended without a checkpoint in {where.path}")
     return final, metrics

@@ -30,7 +30,7 @@ from typing import Any
 
 from jobs.checkpoint import CheckpointError
 from jobs.ray_fit import TrainingError, start_ray
-from jobs.stage_dir import DONE_FILE, stage_dir
+from jobs.stage_dir import StageDir
 from jobs.stages import check_finished_stages, check_same_data, train_stages
 from jobs.tracking import (
     TrackingError,
@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     run_name = first.run_name or time.strftime("mast-%Y%m%d-%H%M%S")
     check_same_data(cfgs, run_name, data)
     check_finished_stages(cfgs, run_name)
-    start_ray([c for c in cfgs if not (stage_dir(c, run_name) / DONE_FILE).exists()])
+    start_ray([c for c in cfgs if not StageDir.of(c, run_name).is_done()])
     runs = setup_runs(uri, first.mlflow.experiment, run_name, {c.stage: flatten(c) for c in cfgs})
     ended: set[str] = set()  # child runs that have their final status
     try:

@@ -1,11 +1,11 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-`train_loop_per_worker(config)` turns the plain dict Ray hands it into a typed `TrainConfig`,
-restores the latest checkpoint (Ray's, after a worker failure or a rerun with the same run
-name) or the stage's starting weights (`checkpoint.init_from`), then runs exactly
-`schedule.steps` optimiser steps over the loader's infinite stream. Every rank calls
-`ray.train.report` at the same steps (it is a barrier); only rank 0 writes the checkpoint
-directory and only rank 0 talks to MLflow (`RankZeroTracker`).
+`train_loop_per_worker(config)` turns the plain dict Ray hands it into a typed `LoopConfig`,
+builds this rank's `Worker`, restores the latest checkpoint (`StageDir.resume_checkpoint`:
+after a worker failure or a rerun with the same run name) or the stage's starting weights
+(`checkpoint.init_from`), then runs exactly `schedule.steps` optimiser steps over the loader's
+infinite stream. Every rank calls `ray.train.report` at the same steps (it is a barrier); only
+rank 0 writes the checkpoint directory and only rank 0 talks to MLflow (`RankZeroTracker`).
 
 Device policy: CUDA (nccl, bf16 autocast) when the worker has a GPU, otherwise CPU (gloo,
 fp32). A non-finite loss on any rank stops every rank at the same step (no checkpoint of the
@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -30,64 +28,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from jobs import mlflow_keys as keys
 from jobs.checkpoint import (
     NoReadableCheckpoint,
     check_compatible,
-    checkpoint_step,
-    load_latest_valid,
     restore_training_state,
     save_checkpoint,
     unwrap,
 )
 from jobs.rank_zero import RankZeroTracker
-from jobs.train_config import TrainConfig
-from typedconfig import from_dict, to_dict
+from jobs.stage_dir import checkpoint_name, write_final_files
+from jobs.worker import InjectedFault, LoopConfig, Worker, build_optimizer, select_device
+from typedconfig import to_dict
 
 log = logging.getLogger(__name__)
-
-EXAMPLE_INPUT_FILE = "example_input.pt"
-RANK_DIGESTS_FILE = "rank_digests.json"
-FAULT_MARKER = "fault_injected"
-
-
-class InjectedFault(RuntimeError):
-    """Raised once at `fault_at_step` to test recovery (FailureConfig + checkpoints)."""
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module):
-    opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(
-        model.parameters(),
-        lr=cfg.optim.lr,
-        betas=cfg.optim.betas,
-        weight_decay=cfg.optim.weight_decay,
-    )
-    milestones = cfg.schedule.milestone_steps()
-    warmup = cfg.schedule.warmup_steps
-
-    def factor(step: int) -> float:  # lr multiplier after `step` optimiser steps
-        decay = cfg.schedule.gamma ** sum(step >= m for m in milestones)
-        return decay * (min(1.0, 0.01 + 0.99 * step / warmup) if warmup else 1.0)
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def select_device(local_mode: bool) -> torch.device:
-    """This worker's GPU (nccl, bf16 autocast) or the CPU (gloo, fp32)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    import ray.train
-
-    if local_mode:  # in the driver (optionally under torchrun): the local rank's GPU
-        device = torch.device("cuda", ray.train.get_context().get_local_rank())
-    else:
-        # Ray sets CUDA_VISIBLE_DEVICES per worker; get_device maps the assigned GPU id to
-        # the index this process sees (not necessarily the local rank).
-        from ray.train.torch import get_device
-
-        device = get_device()
-    torch.cuda.set_device(device)
-    return device
 
 
 @dataclasses.dataclass
@@ -114,15 +68,17 @@ class Window:
         }
 
 
-def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
+def train_steps(worker: Worker, start_step: int) -> dict[str, Any]:
     """Run optimiser steps start_step..steps-1; report + checkpoint on schedule. Returns the end state."""
     import ray.train
     import ray.util
 
-    cfg: TrainConfig = ctx["cfg"]
-    model, optimizer, scheduler = ctx["model"], ctx["optimizer"], ctx["scheduler"]
-    rank, device, tracker = ctx["rank"], ctx["device"], ctx["tracker"]
-    batches = iter(ctx["loader"])
+    if worker.loader is None:
+        raise RuntimeError("train_steps: worker.loader is not made yet (make it after restore)")
+    cfg, model, tracker = worker.cfg, worker.model, worker.tracker
+    optimizer, scheduler = worker.optimizer, worker.scheduler
+    rank, world_size, device = worker.rank, worker.world_size, worker.device
+    batches = iter(worker.loader)
     window, example_input, final_metrics = Window(), None, {}
     use_autocast = device.type == "cuda"
     stage = cfg.loader.stage
@@ -139,7 +95,7 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
     model.train()
     for step in range(start_step, cfg.schedule.steps):
         if step == cfg.fault_at_step and rank == 0:
-            marker = Path(ctx["run_dir"]) / FAULT_MARKER
+            marker = worker.stage_dir.fault_marker
             if not marker.exists():
                 marker.write_text(str(step))
                 raise InjectedFault(f"injected fault at step {step} (fault_at_step)")
@@ -155,11 +111,11 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
         # One small all-reduce per step: the mean loss for logging, and every rank learns
         # about a non-finite loss on any rank at the same step (no rank is left waiting).
         stats = torch.tensor([out.loss.detach().float().item(), float(out.long_term_refs)])
-        if ctx["world_size"] > 1:
+        if world_size > 1:
             stats = stats.to(device)
             dist.all_reduce(stats)
             stats = stats.cpu()
-        mean_loss = stats[0].item() / ctx["world_size"]
+        mean_loss = stats[0].item() / world_size
         if not math.isfinite(mean_loss):
             final_metrics = {"step": step, "error": f"non-finite loss ({mean_loss}) at step {step}"}
             ray.train.report(final_metrics)
@@ -203,11 +159,11 @@ def train_steps(ctx: dict[str, Any], start_step: int) -> dict[str, Any]:
             final = done == cfg.schedule.steps
             metrics = {**final_metrics, "step": done}
             if final:  # DDP must leave identical weights on every rank: check, record
-                digests = rank_param_digests(model, ctx["world_size"])
+                digests = rank_param_digests(model, world_size)
                 metrics["ranks_in_sync"] = float(len(set(digests)) == 1)
-                ctx["rank_digests"] = digests
+                worker.rank_digests = digests
                 tracker.log_metrics({"ranks_in_sync": metrics["ranks_in_sync"]}, done)
-            report_checkpoint(ctx, done, metrics, example_input if final else None)
+            report_checkpoint(worker, done, metrics, example_input if final else None)
     progress.close()
     return {"stopped": "", "step": cfg.schedule.steps, "metrics": final_metrics}
 
@@ -229,141 +185,115 @@ def rank_param_digests(model: torch.nn.Module, world_size: int) -> list[str]:
     return gathered
 
 
-def report_checkpoint(ctx: dict[str, Any], step: int, metrics: dict, example_input) -> None:
+def report_checkpoint(worker: Worker, step: int, metrics: dict, example_input) -> None:
     """All ranks report (a barrier); rank 0 alone writes the checkpoint directory."""
     import ray.train
     from ray.train import Checkpoint
 
-    cfg: TrainConfig = ctx["cfg"]
-    name = f"checkpoint_{step:08d}"
+    cfg = worker.cfg
+    name = checkpoint_name(step)
     metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    if ctx["rank"] != 0:
+    if worker.rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
-    local = ctx["local_mode"]
     # In local mode (num_workers=0) Ray does not persist checkpoints: write them in place.
-    directory = (
-        Path(ctx["run_dir"]) / name if local else Path(tempfile.mkdtemp(prefix="mast-ckpt-"))
-    )
+    if worker.local_mode:
+        directory = worker.stage_dir.checkpoint_path(step)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="mast-ckpt-"))
     save_checkpoint(
         directory,
-        model=ctx["model"],
-        optimizer=ctx["optimizer"],
-        scheduler=ctx["scheduler"],
+        model=worker.model,
+        optimizer=worker.optimizer,
+        scheduler=worker.scheduler,
         step=step,
         config=to_dict(cfg),
         data_position={"start_step": step, "seed": cfg.seed},
         metrics=metrics,
     )
     if example_input is not None:
-        torch.save(example_input, directory / EXAMPLE_INPUT_FILE)
-        digests = {"rank_param_digests": ctx.get("rank_digests", [])}
-        (directory / RANK_DIGESTS_FILE).write_text(json.dumps(digests))
+        write_final_files(directory, example_input, worker.rank_digests)
     ray.train.report(
         metrics, checkpoint=Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
     )
-    if local:
-        prune_local(Path(ctx["run_dir"]), cfg.checkpoint.keep)
+    if worker.local_mode:
+        worker.stage_dir.prune(cfg.checkpoint.keep)
     else:
         shutil.rmtree(directory, ignore_errors=True)  # Ray has copied it to storage (sync upload)
 
 
-def prune_local(run_dir: Path, keep: int) -> None:
-    dirs = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    for old in dirs[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def restore(ctx: dict[str, Any], resume_from: str | None) -> int:
+def restore(worker: Worker) -> int:
     """Latest checkpoint (resume) > checkpoint.init_from (stage start) > fresh; return start step."""
     import ray.train
 
-    cfg: TrainConfig = ctx["cfg"]
-    model = ctx["model"]
-    ray_ckpt = ray.train.get_checkpoint()
-    # Ray's record of the run (restored by name) can lag the storage: a job killed after a
-    # checkpoint landed but before Ray's snapshot recorded it. The newer one is taken;
-    # load_latest_valid falls back from it if it is incomplete.
-    candidates = [p for p in (ray_ckpt.path if ray_ckpt else None, resume_from) if p]
-    latest = max(candidates, key=lambda p: checkpoint_step(Path(p))) if candidates else None
-    if latest:
-        try:
-            state, used, skipped = load_latest_valid(latest)
-        except NoReadableCheckpoint as e:  # e.g. killed while writing the first one
-            log.warning("rank %d: %s; the stage starts afresh", ctx["rank"], e)
-            ctx["tracker"].set_tag("corrupt_checkpoints_skipped", ",".join(e.skipped))
-            latest = None
-    if latest:
-        check_compatible(state, model.model_args, str(used))
-        step = restore_training_state(state, model, ctx["optimizer"], ctx["scheduler"])
+    cfg, model, tracker, rank = worker.cfg, worker.model, worker.tracker, worker.rank
+    restored = ray.train.get_checkpoint()  # Ray's record: after a worker failure, or a rerun
+    try:
+        resume = worker.stage_dir.resume_checkpoint(restored.path if restored else None)
+    except NoReadableCheckpoint as e:  # e.g. killed while writing the first one
+        log.warning("rank %d: %s; the stage starts afresh", rank, e)
+        tracker.set_tag(keys.CORRUPT_CHECKPOINTS_SKIPPED, ",".join(e.skipped))
+        resume = None
+    if resume is not None:
+        check_compatible(resume.state, model.model_args, str(resume.path))
+        step = restore_training_state(resume.state, model, worker.optimizer, worker.scheduler)
         # Other ranks draw their own channel-dropout stream; the loader reseeds by start_step.
-        if ctx["rank"] != 0:
-            torch.manual_seed(cfg.seed * 1000003 + ctx["rank"] * 7919 + step)
-        ctx["tracker"].set_tag("resumed_from", str(used))
-        ctx["tracker"].log_metrics({"resumed_from_step": step}, step)
-        if skipped:
-            ctx["tracker"].set_tag("corrupt_checkpoints_skipped", ",".join(skipped))
-        log.info("rank %d resumed from %s at step %d", ctx["rank"], used, step)
+        if rank != 0:
+            torch.manual_seed(cfg.seed * 1000003 + rank * 7919 + step)
+        tracker.set_tag(keys.RESUMED_FROM, str(resume.path))
+        tracker.log_metrics({"resumed_from_step": step}, step)
+        if resume.skipped:
+            tracker.set_tag(keys.CORRUPT_CHECKPOINTS_SKIPPED, ",".join(resume.skipped))
+        log.info("rank %d resumed from %s at step %d", rank, resume.path, step)
         return step
-    torch.manual_seed(cfg.seed * 1000003 + ctx["rank"] * 7919)
+    torch.manual_seed(cfg.seed * 1000003 + rank * 7919)
     if cfg.checkpoint.init_from:
         from jobs.registry import load_state
 
-        state = load_state(cfg.checkpoint.init_from, ctx["tracking_uri"] or None)
+        state = load_state(cfg.checkpoint.init_from, worker.tracking_uri or None)
         check_compatible(state, model.model_args, cfg.checkpoint.init_from)
         model.load_state_dict(state["model"])
-        ctx["tracker"].set_tag("init_from", cfg.checkpoint.init_from)
-        log.info("rank %d starts from weights %s", ctx["rank"], cfg.checkpoint.init_from)
+        tracker.set_tag(keys.INIT_FROM, cfg.checkpoint.init_from)
+        log.info("rank %d starts from weights %s", rank, cfg.checkpoint.init_from)
     return 0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point. `config`: {"train": TrainConfig dict, "source": shard list,
-    "run_dir": abs path, "tracking_uri": str, "mlflow_run_id": str, "resume_from": str|None}."""
+    """Ray Train entry point; `config` is a `LoopConfig.to_dict()`."""
     import ray.train
 
     from model import MAST
     from pipeline.loader import make_train_loader
 
-    cfg = from_dict(TrainConfig, config["train"])
+    loop = LoopConfig.from_dict(config)
+    cfg = loop.train
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     threads = cfg.scaling.threads_per_worker or max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
-    device = select_device(config.get("local_mode", False))
+    device = select_device(loop.local_mode)
     torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts rank 0's)
     model = MAST(cfg.model).to(device)
     optimizer, scheduler = build_optimizer(cfg, model)
-    os.makedirs(config["run_dir"], exist_ok=True)
+    loop.stage_dir.path.mkdir(parents=True, exist_ok=True)
     tracker = RankZeroTracker(
-        rank == 0,
-        config.get("tracking_uri", ""),
-        config.get("mlflow_run_id", ""),
-        cfg.mlflow.system_metrics,
+        rank == 0, loop.tracking_uri, loop.mlflow_run_id, cfg.mlflow.system_metrics
     )
-    ctx = {
-        "cfg": cfg,
-        "model": model,
-        "optimizer": optimizer,
-        "scheduler": scheduler,
-        "rank": rank,
-        "world_size": world_size,
-        "device": device,
-        "tracker": tracker,
-        "run_dir": config["run_dir"],
-        "local_mode": config.get("local_mode", False),
-        "tracking_uri": config.get("tracking_uri", ""),
-    }
+    worker = Worker(
+        cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, rank=rank,
+        world_size=world_size, device=device, tracker=tracker, stage_dir=loop.stage_dir,
+        local_mode=loop.local_mode, tracking_uri=loop.tracking_uri,
+    )  # fmt: skip
     with tracker:
-        start_step = restore(ctx, config.get("resume_from"))
+        start_step = restore(worker)
         if world_size > 1:
             ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-            ctx["model"] = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+            worker.model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
         if start_step >= cfg.schedule.steps:  # a finished run rerun: nothing left to do
             ray.train.report({"step": start_step})
             return {"stopped": "", "step": start_step}
-        ctx["loader"] = make_train_loader(
-            config["source"],
+        worker.loader = make_train_loader(
+            loop.source,
             cfg.loader,
             rank=rank,
             world_size=world_size,
@@ -371,7 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             start_step=start_step,
             long_term_gap=cfg.model.long_term_gap,
         )
-        result = train_steps(ctx, start_step)
+        result = train_steps(worker, start_step)
         if result["stopped"]:
-            tracker.set_tag("stopped", result["stopped"])
+            tracker.set_tag(keys.STOPPED, result["stopped"])
         return result

@@ -3,6 +3,9 @@
     loader = make_train_loader("s3://b/shards/manifest.json", cfg, rank=r, world_size=w, seed=0)
     for step, batch in zip(range(num_steps), loader): ...
 
+The source: a ShardSet (pipeline/manifest.py; jobs.train resolves one in the driver), a
+manifest's path or URL, a brace pattern ("shard-{000000..000009}.tar"), or shard URLs.
+
 Batches: {"frames": uint8 (B, K, 3, crop, crop) stored Lab, references first, target last;
           "gaps": int64 (B, K-1) source frames from each reference to the target;
           "keys": list[str] sample keys}. By default the model normalises on its device
@@ -43,12 +46,12 @@ whose clip layout cannot serve the stage is refused when the loader is made.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import multiprocessing
-import posixpath
 import random
 import tarfile
 from collections.abc import Iterator
@@ -63,6 +66,7 @@ import storage
 from model.colour import normalise_lab
 from pipeline.codec import CLIP_EXTENSIONS, ClipDecodeError, decode_clip
 from pipeline.config import LoaderConfig
+from pipeline.manifest import ClipLayout, ShardSet, ShardSource, resolve_shards
 from pipeline.samples import LONG_TERM_GAP, UnusableClip, make_sample, select_frames
 
 log = logging.getLogger(__name__)
@@ -73,45 +77,13 @@ COUNTERS = ("samples", "corrupt_shards", "corrupt_samples", "unusable_samples", 
 SHARD_ERRORS = (tarfile.TarError, OSError, ClipDecodeError, EOFError, ValueError)
 
 
-Source = str | list[str] | dict[str, Any]
-
-
-def resolve_source(
-    source: Source, cfg: LoaderConfig | None = None, long_term_gap: int = LONG_TERM_GAP
-) -> tuple[list[str], list[int] | None]:
-    """(shard URLs, samples per shard or None) from a manifest, a brace pattern, a list, or
-    {"manifest": path, "exclude": [shard file names]} (a manifest less its corrupt shards,
-    which keeps the sample counts that weight shards). With `cfg`, a manifest's clip layout is
-    checked against the stage first (`check_layout`)."""
-    if isinstance(source, dict):
-        urls, counts = resolve_source(source["manifest"], cfg, long_term_gap)
-        drop = set(source.get("exclude", ()))
-        kept = [(u, c) for u, c in zip(urls, counts or []) if u.rsplit("/", 1)[-1] not in drop]
-        return [u for u, _ in kept], [c for _, c in kept]
-    if isinstance(source, str) and source.endswith(".json"):
-        manifest = json.loads(storage.read_text(source))
-        if cfg is not None:
-            check_layout(manifest, cfg, source, long_term_gap)
-        base = posixpath.dirname(source)
-        urls = [
-            n if "://" in n or n.startswith("/") else storage.join(base, n)
-            for n in manifest["shards"]
-        ]
-        return urls, list(manifest["samples_per_shard"])
-    if isinstance(source, str):
-        import braceexpand
-
-        return list(braceexpand.braceexpand(source)), None
-    return list(source), None
-
-
 def check_layout(
-    manifest: dict[str, Any], cfg: LoaderConfig, source: str, long_term_gap: int = LONG_TERM_GAP
+    layout: ClipLayout, cfg: LoaderConfig, source: str, long_term_gap: int = LONG_TERM_GAP
 ) -> None:
-    """Raise UnusableClip, naming the fix, when the manifest's clips (frame offsets, size)
-    cannot serve `cfg.stage`: otherwise every sample would be skipped one by one (an epoch
-    of nothing, or a rank without batches while the others train)."""
-    offsets, size = manifest.get("frame_offsets"), manifest.get("size")
+    """Raise UnusableClip, naming the fix, when the clips (frame offsets, size, from the
+    manifest) cannot serve `cfg.stage`: otherwise every sample would be skipped one by one (an
+    epoch of nothing, or a rank without batches while the others train)."""
+    offsets, size = layout.frame_offsets, layout.size
     try:
         if offsets:
             select_frames(list(offsets), cfg, np.random.default_rng(0), long_term_gap)
@@ -150,28 +122,26 @@ class ClipStream(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
-        counts: list[int] | None,
+        shards: ShardSet,
         cfg: LoaderConfig,
         *,
         rank: int,
         world_size: int,
         seed: int,
         start_step: int,
-        resampled: bool,
         long_term_gap: int = LONG_TERM_GAP,
     ) -> None:
-        if not urls:
-            raise ValueError("the loader source names no shards")
+        if not shards.urls:
+            raise ValueError(f"the loader source ({shards.name}) names no shards")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        self.urls, self.counts, self.cfg = urls, counts, cfg
+        self.urls, self.counts, self.cfg = list(shards.urls), shards.samples_per_shard, cfg
         self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
-        self.resampled, self.long_term_gap = resampled, long_term_gap
-        self._expected = dict(zip(urls, counts)) if counts else {}
+        self.resampled, self.long_term_gap = cfg.resampled, long_term_gap
+        self._expected = dict(zip(self.urls, self.counts)) if self.counts else {}
         ctx = multiprocessing.get_context()
         self.counters = {name: ctx.Value("q", 0) for name in COUNTERS}
-        self.plan = None if resampled else self._epoch_plan()
+        self.plan = None if self.resampled else self._epoch_plan()
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
@@ -392,14 +362,8 @@ class TrainLoader:
                     batch = []
 
 
-def _make_loader(source: Source, cfg: LoaderConfig, **stream_args: Any) -> TrainLoader:
-    """The loader of both factories: `stream_args` are ClipStream's keyword arguments."""
-    urls, counts = resolve_source(source, cfg, stream_args.get("long_term_gap", LONG_TERM_GAP))
-    return TrainLoader(ClipStream(urls, counts, cfg, **stream_args), cfg)
-
-
 def make_train_loader(
-    source: Source,
+    source: ShardSource,
     cfg: LoaderConfig,
     *,
     rank: int,
@@ -408,18 +372,18 @@ def make_train_loader(
     start_step: int = 0,
     long_term_gap: int = LONG_TERM_GAP,
 ) -> TrainLoader:
-    """Infinite resampled stream of training batches (module docstring).
-
-    With `cfg.resampled = False` this is `make_epoch_loader` with epoch = start_step.
-    """
-    return _make_loader(
-        source, cfg, rank=rank, world_size=world_size, seed=seed,
-        start_step=start_step, resampled=cfg.resampled, long_term_gap=long_term_gap,
-    )  # fmt: skip
+    """Infinite resampled stream of training batches (module docstring); a manifest's clip
+    layout is checked against the stage first. With `cfg.resampled = False` this is
+    `make_epoch_loader` with epoch = start_step."""
+    shards = resolve_shards(source)
+    check_layout(shards.layout, cfg, shards.name, long_term_gap)
+    stream = ClipStream(shards, cfg, rank=rank, world_size=world_size, seed=seed,
+                        start_step=start_step, long_term_gap=long_term_gap)  # fmt: skip
+    return TrainLoader(stream, cfg)
 
 
 def make_epoch_loader(
-    source: Source,
+    source: ShardSource,
     cfg: LoaderConfig,
     *,
     rank: int,
@@ -429,7 +393,7 @@ def make_epoch_loader(
     long_term_gap: int = LONG_TERM_GAP,
 ) -> TrainLoader:
     """Every sample once per epoch, equal batch counts on every rank (module docstring)."""
-    return _make_loader(
-        source, cfg, rank=rank, world_size=world_size, seed=seed,
-        start_step=epoch, resampled=False, long_term_gap=long_term_gap,
+    return make_train_loader(
+        source, dataclasses.replace(cfg, resampled=False), rank=rank, world_size=world_size,
+        seed=seed, start_step=epoch, long_term_gap=long_term_gap,
     )  # fmt: skip

@@ -34,7 +34,7 @@ from pipeline.codec import (
 from pipeline.config import IngestConfig
 from pipeline.decode import SkipVideo, video_clips
 from pipeline.sharding import ShardSpec, shard_name, video_id
-from typedconfig import from_dict, to_dict
+from typedconfig import ConfigError, from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -259,3 +259,37 @@ def shard_tars(spec: ShardSpec, stats: dict[str, Any]) -> list[dict[str, Any]]:
     if "tars" in stats:
         return stats["tars"]
     return [{"name": spec.name, **{k: stats[k] for k in ("num_samples", "bytes", "sha256")}}]
+
+
+def read_done(shards: list[ShardSpec], cfg: IngestConfig) -> dict[int, dict[str, Any]]:
+    """{shard index: stats} of the shards already written (their stats file is the done
+    marker); a shard whose tars were since deleted, truncated or replaced is not done. A shard
+    written with another content config is refused: rerun with --overwrite or a new output."""
+    sizes = storage.list_sizes(shards[0].output) if shards else {}
+    done = {}
+    expected, accepted = config_hash(cfg), accepted_hashes(cfg)
+    for spec in shards:
+        if spec.stats_url.rsplit("/", 1)[-1] not in sizes:
+            continue
+        stats = json.loads(storage.read_text(spec.stats_url))
+        # A tar deleted, truncated or replaced after the shard was done: write the shard
+        # again (the same bytes). Sizes are what can be checked without reading every tar.
+        damaged = [t for t in shard_tars(spec, stats) if sizes.get(t["name"]) != t["bytes"]]
+        if damaged:
+            t = damaged[0]
+            log.warning(
+                "%s is %s, its stats say %d bytes: writing shard %d again",
+                storage.join(spec.output, t["name"]),
+                f"{sizes[t['name']]} bytes" if t["name"] in sizes else "missing",
+                t["bytes"],
+                spec.index,
+            )
+            continue
+        if stats.get("config_hash") not in accepted:
+            raise ConfigError(
+                f"{spec.stats_url} was written with a different ingest config "
+                f"({stats.get('config_hash')} != {expected}); rerun with --overwrite or choose "
+                "a new --output"
+            )
+        done[spec.index] = stats
+    return done

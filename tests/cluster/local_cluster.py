@@ -404,10 +404,18 @@ class MlflowServer:
     def artifact_root(self) -> Path:
         return self.root / "artifacts"
 
-    def start(self, timeout_s: float = 90) -> MlflowServer:
+    def start(
+        self,
+        timeout_s: float = 90,
+        extra_args: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> MlflowServer:
+        """Start on a free loopback port; the server sees no MLFLOW_* variable of this process,
+        only `extra_env` (how e.g. the basic-auth app is configured)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env |= extra_env or {}
         self._log = open(self.root / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
             [
@@ -418,6 +426,7 @@ class MlflowServer:
                 "--host=127.0.0.1",
                 f"--port={self.port}",
                 "--workers=1",
+                *extra_args,
             ],
             env=env,
             stdout=self._log,

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipeline import reader
+import storage
 from tests.cluster.conftest import PROJECT_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -34,10 +34,6 @@ TRAIN_OVERRIDES = [
     "loader.num_workers=0",
     "mlflow.system_metrics=false",
 ]
-
-
-def sample_video_dir() -> Path:
-    return reader.sample_video_dir()
 
 
 def node_of(cluster) -> dict[str, str]:
@@ -77,7 +73,7 @@ def shards(ray_cluster, workdir, mlflow_server) -> Path:
     # The three small sample videos (bigbuckbunny alone doubles the ingest time), as a list
     # file: three one-video shards, more than the head's 2 CPUs hold at once.
     videos = [
-        sample_video_dir() / f"{n}.mp4"
+        storage.sample_video_dir() / f"{n}.mp4"
         for n in ("bikes", "carphone_pristine", "carphone_distorted")
     ]
     listing = workdir / "videos.txt"
@@ -171,10 +167,10 @@ def test_training_survives_losing_the_worker_node(ray_cluster, mlflow_server, sh
     env = _runtime_env(mlflow_server)
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
     experiment, run_name, steps = "e2e-fault", "ft", 12
-    storage = workdir / "ray-ft"
+    ray_storage = workdir / "ray-ft"
     submission = ray_cluster.submit_nowait(
         ["python", "-m", "jobs.train", *TRAIN_OPTIONS, "--data", str(shards), "--run-name", run_name,
-         *TRAIN_OVERRIDES, f"storage_path={storage}", f"schedule.steps={steps}", "checkpoint.every_steps=2",
+         *TRAIN_OVERRIDES, f"storage_path={ray_storage}", f"schedule.steps={steps}", "checkpoint.every_steps=2",
          "scaling.max_failures=2", f"mlflow.experiment={experiment}",
          "mlflow.registered_model=mast-ft"],
         runtime_env=env,
@@ -184,12 +180,12 @@ def test_training_survives_losing_the_worker_node(ray_cluster, mlflow_server, sh
     # Kill only once a checkpoint is *committed*: its directory appears while Ray is still
     # persisting it, and a checkpoint that was never registered is rightly not resumed from.
     deadline = time.monotonic() + 300
-    while committed_step(storage / f"{run_name}-pretrain") < 2:
+    while committed_step(ray_storage / f"{run_name}-pretrain") < 2:
         status = ray_cluster.job_status(submission)
         assert status in ("PENDING", "RUNNING"), ray_cluster.job_logs(submission)[-6000:]
         assert time.monotonic() < deadline, "no committed checkpoint within 300s"
         time.sleep(0.2)
-    killed_at = committed_step(storage / f"{run_name}-pretrain")
+    killed_at = committed_step(ray_storage / f"{run_name}-pretrain")
     killed = ray_cluster.kill_node("worker")
     assert killed > 0
     ray_cluster.add_worker("worker2")  # the replacement machine

@@ -14,10 +14,7 @@ from __future__ import annotations
 import base64
 import configparser
 import json
-import os
 import secrets
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -25,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.local_cluster import MLFLOW, MlflowServer, free_port
+from tests.cluster.local_cluster import MlflowServer
 from tests.infra.test_infra import K8S, containers, load_by_kind
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,8 +53,8 @@ def deployment_settings() -> tuple[str, dict[str, str]]:
 class BasicAuthMlflowServer(MlflowServer):
     """MlflowServer (tests/cluster/local_cluster.py) running the basic-auth app.
 
-    Only start() differs: the base class drops every MLFLOW_* variable from the server's
-    environment, and those variables are exactly how the auth app is configured.
+    start() writes the Deployment's auth config with a temporary auth DB and gives the server
+    the env vars the Secret would (the base class passes no MLFLOW_* variable of this process).
     """
 
     admin_username: str = "admin"
@@ -76,43 +73,15 @@ class BasicAuthMlflowServer(MlflowServer):
         ini["mlflow"]["database_uri"] = f"sqlite:///{self.auth_db}"
         with open(self.root / "basic_auth.ini", "w") as f:
             ini.write(f)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env |= literal_env | {
+        env = literal_env | {
             "MLFLOW_AUTH_CONFIG_PATH": str(self.root / "basic_auth.ini"),
             "MLFLOW_AUTH_ADMIN_USERNAME": self.admin_username,
             "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
         }
-        self.port = free_port()
-        self._log = open(self.root / "server.log", "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(
-            [
-                MLFLOW,
-                "server",
-                "--app-name=basic-auth",
-                f"--backend-store-uri=sqlite:///{self.backend_store}",
-                f"--artifacts-destination={self.artifact_root}",
-                "--serve-artifacts",
-                "--host=127.0.0.1",
-                f"--port={self.port}",
-                "--workers=1",
-            ],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() kills exactly this server
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                log = (self.root / "server.log").read_text()[-3000:]
-                self.stop()
-                raise RuntimeError(f"mlflow server --app-name basic-auth exited: {log}")
-            if rest(self, "GET", "/health")[0] == 200:  # open: no login needed
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"mlflow server not healthy after {timeout_s}s")
+        args = ("--app-name=basic-auth", "--serve-artifacts")
+        super().start(timeout_s, extra_args=args, extra_env=env)  # /health is open: no login
+        return self
 
 
 def rest(

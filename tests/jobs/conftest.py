@@ -38,3 +38,12 @@ def train_shards(tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "manifest.json").is_file()
     return out / "manifest.json"
+
+
+def make_davis_sample(root: Path, *overrides: str) -> Path:
+    """A small DAVIS-format folder generated from the sample videos (davis.sample)."""
+    from davis.sample import SampleConfig, generate
+    from typedconfig import load_config
+
+    generate(load_config(SampleConfig, overrides=["width=64", "height=48", *overrides]), root)
+    return root

@@ -13,10 +13,10 @@ from jobs.checkpoint import (
     NoReadableCheckpoint,
     check_compatible,
     load_checkpoint,
-    load_latest_valid,
     restore_training_state,
     save_checkpoint,
 )
+from jobs.stage_dir import load_latest_valid
 from model import MAST
 
 ARGS = dict(width=8, feat_dim=8)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from davis.sample import SampleConfig, generate
 from jobs.checkpoint import load_checkpoint
 from jobs.eval_config import EvalConfig
 from jobs.evaluate import evaluate
 from jobs.registry import load_model
 from jobs.train import main, parse_args
 from model import MAST, MASTConfig
+from tests.jobs.conftest import make_davis_sample
 from typedconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,12 +46,7 @@ def test_legacy_checkpoints_and_registered_state_load():
 
 @pytest.fixture(scope="module")
 def davis_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("davis")
-    cfg = load_config(
-        SampleConfig, overrides=["num_sequences=1", "num_frames=4", "width=64", "height=48"]
-    )
-    generate(cfg, root)
-    return root
+    return make_davis_sample(tmp_path_factory.mktemp("davis"), "num_sequences=1", "num_frames=4")
 
 
 def test_legacy_final_checkpoint_evaluates(davis_root, tmp_path):

@@ -23,12 +23,12 @@ from davis.io import (
     write_results_csvs,
 )
 from davis.metrics import evaluate_sequence
-from davis.sample import SampleConfig, generate
 from jobs.eval_config import EvalConfig
 from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion
 from jobs.evaluate import EvalError, cli, davis_set_id, evaluate, main, parse_args
 from jobs.mlflow_keys import set_tag, version_tag
 from model import MAST
+from tests.jobs.conftest import make_davis_sample
 from typedconfig import load_config
 
 GOOD = ["bigbuckbunny-00", "bikes-01"]
@@ -44,11 +44,7 @@ def tiny_state(seed=0):
 
 @pytest.fixture(scope="module")
 def davis_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("davis")
-    cfg = load_config(
-        SampleConfig, overrides=["num_sequences=2", "num_frames=5", "width=64", "height=48"]
-    )
-    generate(cfg, root)
+    root = make_davis_sample(tmp_path_factory.mktemp("davis"), "num_sequences=2", "num_frames=5")
     ann, img = root / "Annotations" / "480p", root / "JPEGImages" / "480p"
     for bad in ("missing-frame", "size-mismatch", "no-objects"):
         shutil.copytree(ann / GOOD[0], ann / bad)

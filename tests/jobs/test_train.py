@@ -20,8 +20,7 @@ from jobs.tracking import TrackingError
 from jobs.train import main, parse_args
 from jobs.train_config import load_stage_configs
 from jobs.train_data import describe_data
-from jobs.train_loop import build_optimizer
-from pipeline.loader import resolve_source
+from jobs.worker import build_optimizer
 from typedconfig import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,7 +142,7 @@ def test_relative_data_paths_are_made_absolute(train_shards, monkeypatch):
     monkeypatch.chdir(train_shards.parent.parent)
     relative = f"{train_shards.parent.name}/manifest.json"
     info = describe_data(relative)
-    sources = [info.source] if isinstance(info.source, str) else info.source
+    sources = [info.shard_set.manifest_url, *info.shards]
     assert all(Path(s).is_absolute() and Path(s).exists() for s in sources)
     assert describe_data(train_shards.parent.name).num_samples == info.num_samples
 
@@ -167,11 +166,13 @@ def test_bad_data_is_reported_clearly(tmp_path, train_shards):
     info = describe_data(str(copy / "manifest.json"))
     assert len(info.shards) == len(shards) - 1 and info.num_samples > 0
     # The loader gets the manifest less the corrupt shard: the others keep their counts.
-    assert info.source == {"manifest": str(copy / "manifest.json"), "exclude": [shards[0].name]}
-    urls, counts = resolve_source(info.source)
-    assert urls == info.shards and sum(counts) == info.num_samples
+    assert info.shard_set.manifest_url == str(copy / "manifest.json")
+    assert info.shard_set.excluded == (shards[0].name,)
+    counts = info.shard_set.samples_per_shard
+    assert len(counts) == len(info.shards) and sum(counts) == info.num_samples
     intact = describe_data(str(train_shards))
-    assert intact.source == str(train_shards)  # intact: the manifest
+    assert intact.shard_set.manifest_url == str(train_shards)  # intact: the whole manifest
+    assert intact.shard_set.excluded == () and len(intact.shards) == len(shards)
     assert len(info.skipped) == 1 and shards[0].name in info.skipped[0]
     # What is trained on: fewer samples, and another hash than the manifest's.
     manifest = json.loads(train_shards.read_text())

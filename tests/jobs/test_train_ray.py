@@ -13,9 +13,9 @@ from mlflow.tracking import MlflowClient
 
 from jobs.ray_fit import TrainingError
 from jobs.registry import load_model
+from jobs.stage_dir import FAULT_MARKER, RANK_DIGESTS_FILE
 from jobs.train import main, parse_args
 from jobs.train_config import load_stage_configs
-from jobs.train_loop import FAULT_MARKER, RANK_DIGESTS_FILE
 from model import MAST
 from pipeline.loader import make_epoch_loader
 

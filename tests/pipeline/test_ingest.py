@@ -21,6 +21,7 @@ from model.colour import quantise_lab, rgb_to_lab
 from pipeline.codec import decode_clip, decoder_scales, resize_frame, scaled_size
 from pipeline.config import IngestConfig
 from pipeline.decode import clip_starts
+from pipeline.manifest import read_manifest
 from storage import TMP_MARK
 from typedconfig import from_dict
 
@@ -106,6 +107,10 @@ def test_every_video_is_accounted_for(ingested):
     assert statuses["bikes.mp4"] == ("ok", 2) and statuses["large.mp4"] == ("ok", 2)
     assert len(statuses) == 11
     assert (dst / "manifest.json").is_file() and len(manifest["content_hash"]) == 64
+    # What was written reads back through the validator training uses, as the same JSON.
+    written = read_manifest(str(dst / "manifest.json"))
+    assert written.to_json() == {k: v for k, v in manifest.items() if not k.startswith("_")}
+    assert written.num_samples == 12 and written.problems[0].status in ("skipped", "failed")
 
 
 def test_lab_matches_independent_conversion_and_metadata(ingested):

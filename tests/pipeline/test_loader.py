@@ -19,9 +19,9 @@ from model.memory import roi_dilation
 from pipeline.codec import ClipDecodeError, decode_clip
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import collate, iter_shard, make_epoch_loader, make_train_loader
+from pipeline.manifest import build_manifest
 from pipeline.samples import UnusableClip, select_frames
 from pipeline.sharding import assign
-from pipeline.summary import build_manifest, write_manifest
 from pipeline.worker import process_shard
 from typedconfig import ConfigError, from_dict, to_dict
 
@@ -42,7 +42,7 @@ def shards(tmp_path_factory):
     dst.mkdir()
     specs = assign(videos, str(dst), 1)
     stats = {s.index: process_shard(s, to_dict(cfg)) for s in specs}
-    write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
+    build_manifest(specs, stats, {}, cfg).write(str(dst))
     manifest = json.loads((dst / "manifest.json").read_text())
     stored = {}
     for name in manifest["shards"]:
@@ -170,7 +170,7 @@ def test_float16_shards_load_as_normalised_float_lab(shards, tmp_path):
                         videos_per_shard=2, storage="raw", dtype=dtype))  # fmt: skip
         specs = assign(videos, str(dst), 2)
         stats = {s.index: process_shard(s, to_dict(cfg)) for s in specs}
-        write_manifest(str(dst), build_manifest(specs, stats, {}, cfg))
+        build_manifest(specs, stats, {}, cfg).write(str(dst))
         key, record, ext, data = next(iter_shard(str(dst / "shard-000000.tar")))
         assert record["dtype"] == dtype and decode_clip(ext, data, 9).dtype == np.dtype(dtype)
         assert json.loads((dst / "manifest.json").read_text())["dtype"] == dtype

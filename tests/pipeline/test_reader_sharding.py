@@ -9,13 +9,13 @@ import os
 import pandas as pd
 import pytest
 
-from jobs.ingest import _read_done
 from pipeline.config import IngestConfig
 from pipeline.decode import clip_starts
+from pipeline.manifest import Problem, build_manifest
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ShardSpec, assign, load_assignment, plan_shards
-from pipeline.summary import build_manifest, summary_table
-from pipeline.worker import accepted_hashes, config_hash
+from pipeline.summary import summary_table
+from pipeline.worker import accepted_hashes, config_hash, read_done
 from typedconfig import ConfigError, from_dict, load_config, replace
 
 EXT = ("mp4", "mov")
@@ -155,11 +155,11 @@ def test_config_hashes_keep_shard_sets_already_written_valid(tmp_path):
         stats = {"config_hash": recorded, "num_samples": 0, "num_frames": 0, "bytes": 0,
                  "sha256": "", "videos": []}  # fmt: skip
         (tmp_path / "shard-000000.stats.json").write_text(json.dumps(stats))
-        assert _read_done([spec], demo) == {0: stats}
+        assert read_done([spec], demo) == {0: stats}
         # The manifest keeps the set's hash, so its content hash (the lineage) stays too.
-        assert build_manifest([spec], {0: stats}, {}, demo)["config_hash"] == recorded
+        assert build_manifest([spec], {0: stats}, {}, demo).config_hash == recorded
     with pytest.raises(ConfigError, match="different ingest config.*--overwrite"):
-        _read_done([spec], replace(demo, quality=90))
+        read_done([spec], replace(demo, quality=90))
 
 
 def test_videos_that_stopped_early_are_listed_as_problems():
@@ -175,9 +175,7 @@ def test_videos_that_stopped_early_are_listed_as_problems():
     manifest = build_manifest(
         [ShardSpec(0, ("/v/a.mp4", name), "/o")], {0: stats}, {}, IngestConfig()
     )
-    assert manifest["problems"] == [
-        {"path": name, "status": "ok", "message": "stopped after 2 clips: X"}
-    ]
+    assert manifest.problems == (Problem(name, "ok", "stopped after 2 clips: X"),)
     table = summary_table(manifest)
     assert "ok 2 (1 stopped early)" in table and "stopped after 2 clips" in table
     table.encode("utf-8")
