@@ -9,8 +9,8 @@
 manifest.json (deterministic: the same inputs and config give the same bytes):
     version            the format version (1)
     shards             tar file names, relative to the manifest, in shard index order (a
-                       shard split by `shard_mb` lists its parts in order); an absolute path or
-                       a URL is taken as it is
+                       shard split by `shard_mb` lists its parts in order); an absolute path, a
+                       URL or a `..` is refused: a manifest reads only what lies beside it
     samples_per_shard  clips in each tar
     num_samples, num_frames, num_shards (tars), bytes
     videos             {"total", "ok", "skipped", "failed"} over every input video
@@ -114,13 +114,10 @@ class Manifest:
         return ClipLayout(self.frame_offsets, self.size)
 
     def shard_set(self, url: str) -> ShardSet:
-        """The shards this manifest, read from `url`, lists. A name is relative to the
-        manifest's directory; an absolute path or a URL is taken as it is."""
+        """The shards this manifest, read from `url`, lists: names relative to the manifest's
+        directory (the validator refused anything else)."""
         base = posixpath.dirname(url)
-        urls = tuple(
-            name if "://" in name or name.startswith("/") or not base else storage.join(base, name)
-            for name in self.shards
-        )
+        urls = tuple(storage.join(base, name) if base else name for name in self.shards)
         return ShardSet(
             urls=urls,
             samples_per_shard=self.samples_per_shard,
@@ -151,6 +148,19 @@ class Manifest:
                 values[key] = tuple(values[key])
         values["problems"] = tuple(Problem(**p) for p in values.get("problems", ()))
         return cls(**values)
+
+
+def _under_manifest(name: str) -> bool:
+    """A relative name below the manifest's directory: no URL, absolute path or `..` (a
+    manifest from elsewhere must not make training read other files, e.g. another bucket)."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and "://" not in name
+        and not name.startswith("/")
+        and not any(c in name for c in "\\\0")
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -204,6 +214,9 @@ def _first_problem(obj: Any) -> str:
     shards = obj.get("shards")
     if not isinstance(shards, list) or not all(map(_str, shards)):
         return f"'shards' is {str(shards)[:80]}, not a list of shard names"
+    outside = next((name for name in shards if not _under_manifest(name)), None)
+    if outside is not None:
+        return f"shard {outside[:80]!r} is not a file name under the manifest's directory"
     if not _is_int(obj.get("num_samples")):
         return f"'num_samples' is {obj.get('num_samples')!r}, not an integer"
     per_shard = obj.get("samples_per_shard")

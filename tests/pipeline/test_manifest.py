@@ -120,14 +120,14 @@ def test_build_accounts_for_problems_and_incomplete_shards(tmp_path):
 
 def test_manifests_without_later_keys_still_read(tmp_path):
     # Written before frame_offsets, size, dtype, content_hash (and the rest) existed.
-    old = {"shards": ["a.tar", "/abs/b.tar", "s3://bucket/c.tar"], "num_samples": 5,
+    old = {"shards": ["a.tar", "part/b.tar", "c.tar"], "num_samples": 5,
            "samples_per_shard": [1, 2, 2], "future_key": {"ignored": True}}  # fmt: skip
     (tmp_path / MANIFEST).write_text(json.dumps(old))
     manifest = read_manifest(str(tmp_path / MANIFEST))
     assert manifest.layout == ClipLayout() and manifest.content_hash == ""
     assert manifest.dtype == "" and manifest.problems == () and manifest.version == 1
     shards = manifest.shard_set(str(tmp_path / MANIFEST))
-    assert shards.urls == (str(tmp_path / "a.tar"), "/abs/b.tar", "s3://bucket/c.tar")
+    assert shards.urls == tuple(str(tmp_path / n) for n in ("a.tar", "part/b.tar", "c.tar"))
     assert shards.samples_per_shard == (1, 2, 2)
     # The dc3dea1 shards without the layout keys: nothing to check, and they still load.
     copy = shutil.copytree(LEGACY, tmp_path / "copy")
@@ -155,6 +155,11 @@ def test_manifests_without_later_keys_still_read(tmp_path):
          "'size' is [32], not [height, width]"),
         ({"shards": [], "num_samples": 0, "problems": [{"path": "v.mp4"}]},
          "'problems' is [{'path': 'v.mp4'}], not a list of {path, status, message}"),
+        # Entries name files beside the manifest: nothing elsewhere is read through it.
+        *(({"shards": [name], "num_samples": 1, "samples_per_shard": [1]},
+           f"shard {name!r} is not a file name under the manifest's directory")
+          for name in ("/etc/passwd", "../other/shard-000000.tar", "a/../../x.tar",
+                       "s3://other-bucket/shard.tar", "file:///x.tar", "", "a\\b.tar")),
     ],
 )  # fmt: skip
 def test_what_is_not_a_manifest_is_named_with_the_fix(tmp_path, content, problem):
