@@ -24,11 +24,17 @@ Formats (`IngestConfig.storage`), the member extension after the sample key:
     png   `lab.png`  lossless
     raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8 or float16
 Bytes per frame and decode speed are measured by bench/loader.py (see its docstring).
+
+Decoding reads a member's header first (`clip_header`: the SOF of a JPEG, the IHDR of a PNG,
+the .npy header) and refuses, before allocating, a clip whose decoded size is not the one
+expected (the manifest's layout) or, when that is unknown, exceeds MAX_CLIP_PIXELS: a
+348-byte JPEG can declare 20000x52500 pixels, a .npy header 9.5 TiB.
 """
 
 from __future__ import annotations
 
 import io
+import math
 
 import cv2
 import numpy as np
@@ -38,8 +44,19 @@ CLIP_EXTENSIONS = tuple(EXTENSIONS.values())
 STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
 
 
+# Stored values (frames x 3 planes x H x W) a clip may decode to when the expected size is
+# unknown: 64 Mi, e.g. 8 frames of 1670x1670 or 64 frames of 590x590 (ingest allows frames up
+# to 8192 pixels a side: a manifest's layout lifts the cap to its own size).
+MAX_CLIP_PIXELS = 64 * 2**20
+
+
 class ClipDecodeError(ValueError):
     """A stored clip cannot be decoded (corrupt member)."""
+
+
+class ClipSizeError(ClipDecodeError):
+    """A clip's header declares another size than expected (or one over MAX_CLIP_PIXELS, or
+    a format ingest does not write): refused before anything is decoded."""
 
 
 _TO_STORED = np.array([[255 / 100, 0, 0, 0], [0, 1, 0, 128], [0, 0, 1, 128]], np.float32)
@@ -188,7 +205,7 @@ def _png_decode(data: bytes) -> np.ndarray | None:
             if img.mode != "L":
                 return None
             return np.asarray(img).copy()
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
 
 
@@ -215,15 +232,126 @@ def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, 
     return EXTENSIONS[storage], data.tobytes()
 
 
-def decode_clip(ext: str, data: bytes, num_frames: int) -> np.ndarray:
-    """Member bytes -> (T, 3, H, W) stored Lab (uint8, or float16 from raw storage).
-    Raises ClipDecodeError if corrupt."""
+# JPEG frame headers (SOFn; C4, C8 and CC are DHT, JPG and DAC), and the markers without a
+# length field (TEM, RSTn).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int]:
+    """(height, width, components) of a JPEG's first frame header, the one libjpeg decodes;
+    the segments before it (APPn, DQT, DHT, ...) are skipped by their lengths."""
+    if data[:2] != b"\xff\xd8":
+        raise ClipDecodeError("not a JPEG (no SOI marker)")
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF or marker in _JPEG_STANDALONE:  # a fill byte, or no length field
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xD9, 0xDA) or length < 2:  # EOI or a scan before any frame header
+            break
+        if marker in _JPEG_SOF:
+            if length < 8 or pos + 10 > len(data):
+                break
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            return height, int.from_bytes(data[pos + 7 : pos + 9], "big"), data[pos + 9]
+        pos += 2 + length
+    raise ClipDecodeError("JPEG without a readable frame header (SOF)")
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the array data) of a .npy file, from its header alone."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"format version {version}; np.save writes (1, 0)")
+    except (ValueError, TypeError, SyntaxError, EOFError) as e:
+        raise ClipDecodeError(f"raw clip header does not read: {e}") from None
+    return tuple(shape), dtype, f.tell()
+
+
+def clip_header(ext: str, data: bytes) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) that `decode_clip` allocates for a member, read from its header alone:
+    the (rows, width) uint8 plane image of a JPEG or PNG, the (T, 3, H, W) array of a raw
+    clip. Raises ClipDecodeError for a header that does not read, ClipSizeError for a format
+    ingest does not write (a colour JPEG, a 16-bit PNG, a .npy of another dtype)."""
+    if ext == EXTENSIONS["jpeg"]:
+        height, width, components = _jpeg_header(data)
+        if components != 1:
+            raise ClipSizeError(f"a JPEG of {components} components; ingest writes grayscale")
+        return (height, width), np.dtype(np.uint8)
+    if ext == EXTENSIONS["png"]:
+        if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or len(data) < 26:
+            raise ClipDecodeError("not a PNG (no signature and IHDR chunk)")
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        if (data[24], data[25]) != (8, 0):
+            raise ClipSizeError(f"a PNG of bit depth {data[24]}, colour type {data[25]}; "
+                                "ingest writes 8-bit grayscale (8, 0)")  # fmt: skip
+        return (height, width), np.dtype(np.uint8)
+    if ext == EXTENSIONS["raw"]:
+        shape, dtype, offset = _npy_header(data)
+        if dtype not in STORED_DTYPES:
+            raise ClipSizeError(f"a raw clip of dtype {dtype}; expected uint8 or float16")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if len(data) - offset != nbytes:  # np.load would allocate what the header says
+            raise ClipSizeError(
+                f"raw clip header declares {shape} {dtype} ({nbytes:,} bytes), the member "
+                f"holds {len(data) - offset:,}"
+            )
+        return shape, dtype
+    raise ClipDecodeError(f"unknown clip member extension {ext!r}; expected {CLIP_EXTENSIONS}")
+
+
+def check_clip_size(
+    ext: str, data: bytes, num_frames: int, size: tuple[int, ...] = ()
+) -> tuple[int, ...]:
+    """The decoded shape from the member's header (`clip_header`), or ClipSizeError unless it
+    is a (num_frames, 3, H, W) clip with (H, W) = `size` or, when `size` is empty (unknown),
+    of at most MAX_CLIP_PIXELS values. Nothing is decoded or allocated."""
+    shape, _ = clip_header(ext, data)
+    T = num_frames
+    if size:
+        H, W = size
+        expected = (T, 3, H, W) if ext == EXTENSIONS["raw"] else (T * 3 * H, W)
+        if shape != expected:
+            raise ClipSizeError(
+                f"{ext} header declares {shape}; the manifest's layout ({T} frames of "
+                f"{H}x{W}) says {expected}"
+            )
+        return shape
+    if ext == EXTENSIONS["raw"]:
+        planes_ok = len(shape) == 4 and shape[:2] == (T, 3)
+    else:
+        planes_ok = len(shape) == 2 and shape[0] % (3 * T) == 0
+    if not planes_ok or min(shape) == 0:
+        raise ClipSizeError(f"{ext} header declares {shape}: not {T} frames of 3 planes")
+    if math.prod(shape) > MAX_CLIP_PIXELS:
+        raise ClipSizeError(
+            f"{ext} header declares {shape} ({math.prod(shape):,} values), over the "
+            f"{MAX_CLIP_PIXELS:,} a clip may hold when the manifest's layout is unknown"
+        )
+    return shape
+
+
+def decode_clip(ext: str, data: bytes, num_frames: int, size: tuple[int, ...] = ()) -> np.ndarray:
+    """Member bytes -> (T, 3, H, W) stored Lab (uint8, or float16 from raw storage), (H, W) =
+    `size` when given. The header is checked first (`check_clip_size`): ClipSizeError before
+    any allocation; ClipDecodeError if corrupt."""
+    check_clip_size(ext, data, num_frames, size)
     if ext == EXTENSIONS["raw"]:
         try:
             lab = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise ClipDecodeError(f"raw clip does not load: {e}") from None
-    elif ext in (EXTENSIONS["jpeg"], EXTENSIONS["png"]):
+    else:
         if ext == EXTENSIONS["png"]:
             planes = _png_decode(data)
         else:
@@ -232,8 +360,6 @@ def decode_clip(ext: str, data: bytes, num_frames: int) -> np.ndarray:
             raise ClipDecodeError(f"{ext} clip of {len(data)} bytes does not decode to planes")
         H = planes.shape[0] // (3 * num_frames)
         lab = planes.reshape(num_frames, 3, H, planes.shape[1])
-    else:
-        raise ClipDecodeError(f"unknown clip member extension {ext!r}; expected {CLIP_EXTENSIONS}")
     if lab.dtype not in STORED_DTYPES or lab.ndim != 4 or lab.shape[:2] != (num_frames, 3):
         raise ClipDecodeError(
             f"clip has shape {lab.shape} {lab.dtype}, expected ({num_frames}, 3, H, W)"

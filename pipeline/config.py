@@ -134,6 +134,11 @@ class LoaderConfig:
     # fewer bytes from the workers to the trainer); True: float32 network-space Lab,
     # ((L - 50) / 50, a / 127, b / 127) as model.colour.normalise_lab. The model takes both.
     normalise: bool = False
+    # Shards written before ingest recorded each clip's sha256 (`clip_sha256` in its record):
+    # False refuses their samples (counted in loader.stats["unverified_samples"]), as a
+    # damaged JPEG still decodes (to garbage) and only the checksum tells; True reads them
+    # unverified (the size checks before decoding still apply).
+    allow_unverified_clips: bool = False
 
     @property
     def clip_frames(self) -> int:

@@ -99,6 +99,26 @@ def test_videos(sandbox):
     assert sandbox.inputs() == before and not any(sandbox.cwd.iterdir())
 
 
+def test_shard_members(sandbox, good_shards):
+    manifest, kinds, num_samples = corpus.shard_members(sandbox.root, good_shards.parent)
+    before = sandbox.inputs()
+    steps = -(-num_samples // 2)  # one epoch in order: every member is read once
+    done = sandbox.run(
+        "jobs.train", *TRAIN[:-4], f"schedule.steps={steps}", f"checkpoint.every_steps={steps}",
+        *TRAIN[-3:], "loader.resampled=false", "--data", str(manifest), "--run-name", "members",
+        f"storage_path={sandbox.out / 'ray'}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each kind of bad sample is warned about once, naming the shard, the key and the fix.
+    warned = [line for line in done.stderr.splitlines() if "WARNING" in line]
+    for expect in ("frame_indices is None", "header declares", "do not match the clip_sha256",
+                   "allow_unverified_clips", "skipped unread", "shard-000003.tar skipped"):
+        assert any(expect in line for line in warned), (expect, warned)
+    out = json.loads(done.stdout.strip().splitlines()[-1])["pretrain"]
+    assert out["version"] == 1 and out["checkpoint"].endswith(f"checkpoint_{steps:08d}")
+    assert sandbox.inputs() == before and not any(sandbox.cwd.iterdir())
+
+
 def test_manifests(sandbox, good_shards):
     cases = corpus.manifests(sandbox.root, good_shards)
     before = sandbox.inputs()

@@ -82,6 +82,65 @@ def videos(root: Path) -> tuple[Path, list[Kind], list[str]]:
     return listing, kinds, good
 
 
+# --- shard members: one training run reads them all, in epoch order ----------------------
+def shard_members(root: Path, good_shards: Path) -> tuple[Path, list[Kind], int]:
+    """(manifest, kinds, samples the loader reads): the 3 good clips of `good_shards` in their own
+    tar, one tar holding a bad sample of each kind, a gzip tar and a truncated tar."""
+    import hashlib
+
+    from pipeline.loader import iter_shard
+    from tests.bad_inputs.craft import jpeg_declaring, npy_declaring, png_declaring, write_tar
+
+    d = root / "shards"
+    d.mkdir(parents=True)
+    shutil.copy(good_shards / "shard-000000.tar", d / "shard-000000.tar")
+    key0, record0, ext0, clip0 = next(iter_shard(str(good_shards / "shard-000000.tar")))
+
+    def sample(name: str, clip: bytes | int = clip0, ext: str = ext0, **changes):
+        record = {**record0, "key": name}
+        if isinstance(clip, bytes):
+            record["clip_sha256"] = hashlib.sha256(clip).hexdigest()
+        record.update(changes)
+        record = {k: v for k, v in record.items() if v is not DROP}
+        return [(f"{name}.json", json.dumps(record).encode()), (f"{name}.{ext}", clip)]
+
+    flipped = bytearray(clip0)
+    flipped[len(flipped) // 2] ^= 0xFF
+    bad = {
+        "no-indices": (sample("no-indices", frame_indices=DROP), "frame_indices is None"),
+        "null-record": ([("null-record.json", b"null"), (f"null-record.{ext0}", clip0)],
+                        "not an object"),
+        "not-json": ([("not-json.json", b"{oops"), (f"not-json.{ext0}", clip0)], "not JSON"),
+        "npy-12tib": (sample("npy-12tib", npy_declaring((8, 3, 1 << 20, 1 << 19)), "lab.npy",
+                             storage="raw"), "header declares"),
+        "png-bomb": (sample("png-bomb", png_declaring(14000, 14000), "lab.png",
+                            storage="png"), "header declares"),
+        "jpeg-bomb": (sample("jpeg-bomb", jpeg_declaring(52500, 20000)), "header declares"),
+        "flipped": (sample("flipped", bytes(flipped), clip_sha256=record0["clip_sha256"]),
+                    "do not match the clip_sha256"),
+        "unverified": (sample("unverified", clip_sha256=DROP), "allow_unverified_clips"),
+        "oversized": (sample("oversized", 1 << 21), "skipped unread"),
+    }  # fmt: skip
+    members = [m for case, _ in bad.values() for m in case]
+    write_tar(d / "shard-000001.tar", members)
+    write_tar(d / "shard-000002.tar", [*sample("in-gzip"), *sample("gzip-zeros", 1 << 26)],
+              "w:gz")  # fmt: skip
+    (d / "shard-000003.tar").write_bytes((good_shards / "shard-000000.tar").read_bytes()[:700])
+    manifest = json.loads((good_shards / "manifest.json").read_text())
+    counts = [3, len(bad), 2, 3]
+    manifest.update(shards=[f"shard-{i:06d}.tar" for i in range(4)],
+                    samples_per_shard=counts, num_samples=sum(counts))  # fmt: skip
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    kinds = [Kind("shard member", name, expect) for name, (_, expect) in bad.items()]
+    kinds += [Kind("shard member", "gzip-zeros", "skipped unread"),
+              Kind("shard member", "truncated-tar", "corrupt shard")]  # fmt: skip
+    # The driver leaves the truncated tar out before training (it is recorded on the run).
+    return d / "manifest.json", kinds, sum(counts[:3])
+
+
+DROP = object()
+
+
 # --- manifests: one train run each, refused before any work --------------------------------
 def manifests(root: Path, good_manifest: Path) -> dict[Kind, Path]:
     d = root / "manifests"

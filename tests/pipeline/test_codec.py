@@ -12,7 +12,11 @@ import torch
 
 from model.colour import quantise_lab, rgb_to_lab
 from pipeline.codec import (
+    MAX_CLIP_PIXELS,
     ClipDecodeError,
+    ClipSizeError,
+    check_clip_size,
+    clip_header,
     decode_clip,
     decoder_scales,
     encode_clip,
@@ -107,6 +111,52 @@ def test_corrupt_clip_raises():
     ext, data = encode_clip(lab, "png")
     with pytest.raises(ClipDecodeError):
         decode_clip(ext, data, 3)  # 6 planes of 8 rows do not split into 3 frames x 3 planes
+
+
+@pytest.mark.parametrize("storage", ["jpeg", "png", "raw"])
+def test_clip_size_is_read_from_the_header_before_decoding(storage):
+    lab = np.random.default_rng(0).integers(0, 256, (4, 3, 16, 24), dtype=np.uint8)
+    ext, data = encode_clip(lab, storage)
+    image = (4, 3, 16, 24) if storage == "raw" else (4 * 3 * 16, 24)
+    assert clip_header(ext, data) == (image, np.dtype(np.uint8))
+    assert check_clip_size(ext, data, 4, (16, 24)) == check_clip_size(ext, data, 4) == image
+    assert decode_clip(ext, data, 4, (16, 24)).shape == (4, 3, 16, 24)
+    with pytest.raises(ClipSizeError, match=r"the manifest's layout \(4 frames of 16x16\)"):
+        decode_clip(ext, data, 4, (16, 16))
+    with pytest.raises(ClipSizeError, match="not 3 frames of 3 planes"):
+        check_clip_size(ext, data, 3)
+
+
+def test_headers_of_other_writers_and_huge_clips_are_refused():
+    from PIL import Image
+
+    # A progressive JPEG (SOF2, after APP and DQT segments) reads as libjpeg would decode it.
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((24, 40), np.uint8)).save(buf, format="JPEG", progressive=True)
+    assert clip_header("lab.jpg", buf.getvalue())[0] == (24, 40)
+    rgb = io.BytesIO()
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(rgb, format="JPEG")
+    with pytest.raises(ClipSizeError, match="3 components; ingest writes grayscale"):
+        clip_header("lab.jpg", rgb.getvalue())
+    rgb.seek(0)
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(rgb, format="PNG")
+    with pytest.raises(ClipSizeError, match="colour type 2"):
+        clip_header("lab.png", rgb.getvalue())
+    with pytest.raises(ClipSizeError, match="dtype float32"):
+        clip_header("lab.npy", encode_clip(np.zeros((1, 3, 2, 2), np.float16), "raw")[1]
+                    .replace(b"<f2", b"<f4"))  # fmt: skip
+    _, data = encode_clip(np.zeros((2, 3, 8, 8), np.uint8), "raw")
+    with pytest.raises(ClipSizeError, match="the member holds 383"):
+        clip_header("lab.npy", data[:-1])  # truncated: np.load would allocate first
+    # Unknown layout: at most MAX_CLIP_PIXELS values (here a 3-row image 22,369,622 wide).
+    wide = np.zeros((1, 3, 1, 2), np.uint8)
+    ext, data = encode_clip(wide, "png")
+    big = bytearray(data)
+    big[16:24] = (MAX_CLIP_PIXELS // 3 + 1).to_bytes(4, "big") + (3).to_bytes(4, "big")
+    with pytest.raises(ClipSizeError, match="over the 67,108,864 a clip may hold"):
+        check_clip_size(ext, bytes(big), 1)
+    with pytest.raises(ClipDecodeError, match="no SOI"):
+        clip_header("lab.jpg", b"GIF89a")
 
 
 def test_resize_policies():
