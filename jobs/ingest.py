@@ -1,6 +1,7 @@
 """Ingest: raw videos -> sharded WebDataset tars of stored-Lab clips, on Ray.
 
-    python -m jobs.ingest --input SRC --output DST [--config FILE] [--overwrite] [key=value ...]
+    python -m jobs.ingest --input SRC --output DST [--config FILE] [--overwrite] [--verify]
+        [key=value ...]
     ray job submit --working-dir . -- python -m jobs.ingest \\
         --input s3://bucket/videos/ --output s3://bucket/shards/pretrain \\
         --config configs/ingest/pretrain.yaml
@@ -10,16 +11,24 @@ column); local paths or fsspec URLs. DST: a directory or URL. Ray: the cluster n
 RAY_ADDRESS, else a local one.
 
 Resumable and deterministic: DST/assignment.json fixes which videos go to which shard; a
-shard with a stats file is done and skipped; a rerun finishes the rest; new input videos
+shard with a valid stats file and tars of the sizes it records is done and skipped (with
+`--verify`, also of the sha256 it records); a rerun finishes the rest; new input videos
 become new shards; `--overwrite` deletes this job's files in DST and starts over. At the end
-DST/manifest.json is (re)written and a summary table printed. Exit code 0 when every shard
-is complete (broken videos are accounted, not errors), 2 when some shard failed twice, 1 on
-bad input or config, or when no video gave a clip.
+DST/manifest.json is (re)written and a summary table printed.
+
+One run at a time per DST: a run holds DST/.ingest.lock (storage.lock) from start to end; a
+second one is refused, naming the holder, and a dead run's lock is taken over. Temp files
+carry the run's id, so a run removes only its own and those of dead runs.
+
+Exit code 0 when every shard is complete (broken videos are accounted, not errors), 2 when
+some shard failed twice, 1 on bad input or config, or when no video gave a clip, 3 when DST
+is locked by another run (or this run lost its lock).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -31,12 +40,14 @@ from pipeline.config import IngestConfig
 from pipeline.distributor import placeable, ray_may_grow, run_shards
 from pipeline.manifest import MANIFEST, build_manifest, read_manifest
 from pipeline.reader import InputError, list_videos
-from pipeline.sharding import ASSIGNMENT, assign
+from pipeline.sharding import ASSIGNMENT, AssignmentError, ShardSpec, assign
 from pipeline.summary import summary_table
-from pipeline.worker import read_done
+from pipeline.worker import damaged_tars, read_done, recorded_videos
 from typedconfig import ConfigError, config_help, load_config
 
 log = logging.getLogger("jobs.ingest")
+
+LOCK = ".ingest.lock"  # storage.OutputLock's file in DST
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="DST: directory or URL for the shards")
     parser.add_argument("--config", default=None, help="YAML file (configs/ingest/*.yaml)")
     parser.add_argument("--overwrite", action="store_true", help="delete DST's shards first")
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="hash the tars of done shards against their stats; write damaged shards again",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     # Intermixed: `key=value` overrides may come before or after the options.
@@ -78,11 +93,25 @@ def _outside(videos: list[str], dst: str) -> list[str]:
     return keep
 
 
-def clean(dst: str, *, everything: bool) -> None:
-    """Remove temporary leftovers of killed runs and tasks; with `everything`, all of this
-    job's files."""
+def clean(dst: str, run_id: str, *, everything: bool) -> None:
+    """Remove the temp files of run `run_id` (a Ray worker killed mid-write leaves its
+    half-written tar) and of dead runs; with `everything`, all of this job's files.
+
+    Called while run `run_id` holds DST's lock, which is what makes removing other runs' temp
+    files safe: a run that left one here and does not hold the lock is dead (its driver and,
+    with it, its Ray tasks were killed), or lost the lock and stops at its next heartbeat.
+    Untagged temp files are leftovers too (older versions'; assignment.json and manifest.json
+    are written only by the lock's holder). The temp files of the run a live lock names are
+    kept whoever calls this, and so are our lock's own (its heartbeat writes them)."""
+    holder = storage.live_owner(storage.join(dst, LOCK))
     for name in storage.list_names(dst):
-        if storage.TMP_MARK in name or (everything and _is_ours(name)):
+        tag = storage.tmp_tag(name)
+        if tag is None:
+            gone = everything and _is_ours(name)
+        else:
+            live_other = bool(tag) and tag == holder != run_id
+            gone = not live_other and not (tag == run_id and name.startswith(LOCK))
+        if gone:
             storage.remove(storage.join(dst, name))
 
 
@@ -94,37 +123,65 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     videos: list[str] | None = None,
+    verify: bool = False,
+    lock: storage.OutputLock | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job (Ray must be initialised); returns the manifest's JSON object, plus
-    run figures under keys starting with "_" (wall seconds, task CPU seconds, frames written)."""
+    """Run the whole job (Ray must be initialised) holding DST's lock (`lock`, taken by the
+    caller, or one taken here: storage.LockHeld when another run has it); returns the
+    manifest's JSON object, plus run figures under keys starting with "_" (wall seconds, task
+    CPU seconds, frames written, shards verified and found damaged with `verify`)."""
     start = time.perf_counter()
     if videos is None:
         videos = list_videos(src, cfg.extensions)
     videos = _outside(videos, dst)
     storage.makedirs(dst)
-    clean(dst, everything=overwrite)
-    shards = assign(videos, dst, cfg.videos_per_shard)
-    stats = read_done(shards, cfg)
-    todo = [s for s in shards if s.index not in stats]
-    log.info(
-        "%d videos in %d shards: %d done, %d to write -> %s",
-        len(videos), len(shards), len(stats), len(todo), dst,
-    )  # fmt: skip
-    completed, errors = run_shards(todo, cfg, progress=progress)
-    # A worker killed mid-shard (OOM, a lost node; Ray ran the task again) leaves its
-    # half-written temp tar behind: removed now, not at the next run.
-    clean(dst, everything=False)
-    for s in completed:
-        stats[s["index"]] = {k: v for k, v in s.items() if k not in ("seconds", "cpu_seconds")}
-    manifest = build_manifest(shards, stats, errors, cfg)
-    manifest.write(dst)
+    with contextlib.ExitStack() as stack:
+        if lock is None:
+            lock = stack.enter_context(
+                storage.OutputLock(storage.join(dst, LOCK), storage.new_run_id())
+            )
+        run_id = lock.owner
+        clean(dst, run_id, everything=overwrite)
+        # A garbage assignment.json is rebuilt from the shards' stats files, or refused.
+        shards = assign(videos, dst, cfg.videos_per_shard, lambda: recorded_videos(dst))
+        stats = read_done(shards, cfg)
+        damaged = _verify(shards, stats) if verify else []
+        verified = len(stats) + len(damaged) if verify else 0
+        todo = [s for s in shards if s.index not in stats]
+        log.info(
+            "%d videos in %d shards: %d done, %d to write -> %s",
+            len(videos), len(shards), len(stats), len(todo), dst,
+        )  # fmt: skip
+        completed, errors = run_shards(
+            todo, cfg, progress=progress, run_id=run_id, check=lock.check
+        )
+        # A worker killed mid-shard (OOM, a lost node; Ray ran the task again) leaves its
+        # half-written temp tar behind: removed now, not at the next run.
+        clean(dst, run_id, everything=False)
+        for s in completed:
+            stats[s["index"]] = {k: v for k, v in s.items() if k not in ("seconds", "cpu_seconds")}
+        manifest = build_manifest(shards, stats, errors, cfg)
+        lock.check()  # a run that lost its lock leaves the manifest to the run that has it
+        manifest.write(dst)
     # Run figures, not part of the written manifest (which is deterministic).
     return {
         **manifest.to_json(),
         "_seconds": time.perf_counter() - start,
         "_task_cpu_seconds": sum(s["cpu_seconds"] for s in completed),
         "_frames_written": sum(s["num_frames"] for s in completed),
+        "_verified": verified,
+        "_damaged": len(damaged),
     }
+
+
+def _verify(shards: list[ShardSpec], stats: dict[int, dict[str, Any]]) -> list[int]:
+    """Hash the tars of the done shards in `stats` against the sha256 their stats record;
+    the damaged ones (same size, other bytes) leave `stats`, to be written again."""
+    damaged = [s.index for s in shards if s.index in stats and damaged_tars(s, stats[s.index])]
+    for index in damaged:
+        del stats[index]
+    log.info("verified %d done shards: %d damaged", len(stats) + len(damaged), len(damaged))
+    return damaged
 
 
 def check_output(dst: str) -> None:
@@ -159,6 +216,24 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, InputError) as e:
         log.error("%s", e)
         return 1
+    lock = storage.OutputLock(storage.join(args.output, LOCK), storage.new_run_id())
+    try:
+        lock.acquire()  # before Ray starts: a refusal is quick and changes nothing
+    except storage.LockHeld as e:
+        log.error("%s", e)
+        return 3
+    try:
+        return _run(args, cfg, videos, lock)
+    except storage.LockLost as e:
+        log.error("%s", e)
+        return 3
+    finally:
+        lock.release()
+
+
+def _run(
+    args: argparse.Namespace, cfg: IngestConfig, videos: list[str], lock: storage.OutputLock
+) -> int:
     import ray
 
     if not ray.is_initialized():
@@ -169,14 +244,17 @@ def main(args: argparse.Namespace) -> int:
         check_task_cpus(cfg, may_grow=ray_may_grow())
         run = ingest(
             args.input, args.output, cfg, overwrite=args.overwrite,
-            progress=not args.no_progress, videos=videos,
+            progress=not args.no_progress, videos=videos, verify=args.verify, lock=lock,
         )  # fmt: skip
         url = storage.join(args.output, MANIFEST)
         manifest = read_manifest(url)  # what was written, through the reader training uses
-    except ConfigError as e:
+    except (ConfigError, AssignmentError) as e:
         log.error("%s", e)
         return 1
     print(summary_table(manifest, run["_seconds"]))
+    if args.verify:
+        print(f"verified {run['_verified']} done shards against their sha256: "
+              f"{run['_damaged']} damaged, written again")  # fmt: skip
     print(f"manifest: {url}")
     if manifest.incomplete_shards:
         return 2

@@ -9,6 +9,9 @@
 - `task_timeout_s` > 0 cancels a task that runs longer (a decoder stuck on a pathological
   file is the usual cause of "hangs at the end" in video pipelines) and treats it as failed.
 - Progress: one tqdm bar over videos with clips, clips/s and failed/skipped videos.
+- Every task gets the run's id (`run_id`, which tags its temp files; Ray's retries of a task
+  keep its arguments), and `check()` is called at every poll: it raises to stop the run (the
+  driver lost its lock on DST to another run).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def run_shards(
     *,
     on_done: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    run_id: str = "",
+    check: Callable[[], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[int, str]]:
     """Process `shards`; returns (stats of completed shards, {shard index: error} of the rest)."""
     import ray
@@ -91,8 +96,15 @@ def run_shards(
         while queue or pending:
             while queue and len(pending) < limit:
                 spec = queue.pop(0)
-                pending[task.remote(spec, cfg_dict)] = (spec, time.monotonic())
+                pending[task.remote(spec, cfg_dict, run_id)] = (spec, time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
+            if check is not None:
+                try:
+                    check()
+                except Exception:  # stopping: tasks in flight would go on writing
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise
             for ref in ready:
                 spec, _t = pending.pop(ref)
                 try:

@@ -6,6 +6,9 @@ move. Videos that appear in SRC later are sorted and packed into NEW shards afte
 one: old shards are never rewritten. Videos that vanished from SRC stay in their shard's
 entry (a done shard keeps its content; an unfinished one reports them as failed).
 
+An assignment.json that cannot be read (torn, garbage) is rebuilt from what the done shards
+record (`recover_plan`), or the run is refused when that cannot be done safely.
+
 Only these small descriptions travel to Ray tasks, never video data.
 """
 
@@ -16,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import storage
 
@@ -77,17 +81,72 @@ def plan_shards(videos: list[str], existing: list[list[str]], per_shard: int) ->
     return shards
 
 
+class AssignmentError(ValueError):
+    """DST's assignment.json cannot be read, nor the shard plan be rebuilt safely."""
+
+
 def load_assignment(dst: str) -> list[list[str]]:
+    """The recorded plan ([] when there is none); raises AssignmentError naming the file when
+    it is not one `assign` writes."""
     url = storage.join(dst, ASSIGNMENT)
     if not storage.exists(url):
         return []
-    data = json.loads(storage.read_text(url))
-    return [list(s) for s in data["shards"]]
+    try:
+        shards = json.loads(storage.read_bytes(url))["shards"]
+        if not isinstance(shards, list) or not all(
+            isinstance(s, list) and all(isinstance(v, str) for v in s) for s in shards
+        ):
+            raise TypeError("'shards' is not a list of lists of paths")
+    except (ValueError, TypeError, KeyError) as e:
+        raise AssignmentError(f"{url} is not valid ({type(e).__name__}: {str(e)[:100]})") from e
+    return [list(s) for s in shards]
 
 
-def assign(videos: list[str], dst: str, per_shard: int) -> list[ShardSpec]:
-    """The shard plan for DST: the recorded one, extended by new videos (written atomically)."""
-    existing = load_assignment(dst)
+def recover_plan(
+    videos: list[str], recorded: dict[int, list[str]], per_shard: int, why: str
+) -> list[list[str]]:
+    """The shard plan when assignment.json is unreadable (`why`), from the input and
+    `recorded`, {shard index: its videos} of the shards whose stats survive: the done shards
+    must keep index and content, or their tars would be taken for other videos.
+
+    - If the first-run plan of the input (sorted, packed) agrees with every recorded shard,
+      it is the plan (a shard set never appended to: every shard as it was).
+    - Else, if the recorded shards are 0..k-1, those, with the rest of the input packed after
+      them (appends after a done prefix; only unfinished shards are planned anew).
+    - Else (a recorded shard after one without stats: its neighbours' content is unknown) the
+      run is refused: the fix is --overwrite, or the file restored."""
+    fresh = plan_shards(videos, [], per_shard)
+    keys = {i: [_key(v) for v in shard] for i, shard in recorded.items()}
+    if all(i < len(fresh) and [_key(v) for v in fresh[i]] == k for i, k in keys.items()):
+        return [recorded.get(i, shard) for i, shard in enumerate(fresh)]
+    if sorted(recorded) == list(range(len(recorded))):
+        return plan_shards(videos, [recorded[i] for i in range(len(recorded))], per_shard)
+    gap = min(set(range(max(recorded))) - set(recorded))
+    raise AssignmentError(
+        f"{why}, and the shard plan cannot be rebuilt safely: shard {gap} has no valid stats "
+        f"file while shard {max(recorded)} has, and the input's plan differs from what the "
+        "written shards hold. Rerun with --overwrite (writes every shard again) or restore "
+        "the file"
+    )
+
+
+def assign(
+    videos: list[str],
+    dst: str,
+    per_shard: int,
+    recorded: Callable[[], dict[int, list[str]]] | None = None,
+) -> list[ShardSpec]:
+    """The shard plan for DST: the recorded one, extended by new videos (written atomically).
+    An unreadable assignment.json is rebuilt by `recover_plan` from `recorded()` (the videos
+    of the shards written so far), with a warning; without `recorded` it is an error."""
+    try:
+        existing = load_assignment(dst)
+    except AssignmentError as e:
+        if recorded is None:
+            raise
+        shards = recover_plan(videos, recorded(), per_shard, str(e))
+        log.warning("%s: rebuilt from the input and the shards' stats files, rewritten", e)
+        return _write(shards, dst, per_shard)
     given = {_key(v) for v in videos}
     missing = {v for s in existing for v in s if _key(v) not in given}
     if missing:
@@ -105,6 +164,11 @@ def assign(videos: list[str], dst: str, per_shard: int) -> list[ShardSpec]:
                 len(shards) - len(existing),
                 len(existing),
             )
-        body = json.dumps({"videos_per_shard": per_shard, "shards": shards}, indent=1)
-        storage.atomic_write_bytes(storage.join(dst, ASSIGNMENT), body.encode("utf-8"))
+        return _write(shards, dst, per_shard)
+    return [ShardSpec(i, tuple(v), dst) for i, v in enumerate(shards)]
+
+
+def _write(shards: list[list[str]], dst: str, per_shard: int) -> list[ShardSpec]:
+    body = json.dumps({"videos_per_shard": per_shard, "shards": shards}, indent=1)
+    storage.atomic_write_bytes(storage.join(dst, ASSIGNMENT), body.encode("utf-8"))
     return [ShardSpec(i, tuple(v), dst) for i, v in enumerate(shards)]

@@ -4,8 +4,9 @@ Per video the task records a status: "ok" (n clips), "skipped" (with the reason,
 than one clip) or "failed" (the error message). A broken video never fails its shard; only a
 failure to write the shard does (the distributor retries those).
 
-Order of writes: the tar (atomically, temp + rename; with `shard_mb`, its parts one after the
-other), then the stats JSON (atomically) as the done marker. Tars are byte-for-byte
+Order of writes: the tar (atomically, temp + rename, the temp file named with the run's id;
+with `shard_mb`, its parts one after the other), then the stats JSON (atomically) as the done
+marker. Tars are byte-for-byte
 deterministic (sorted members, zero mtimes, owner and mode fixed), so a rerun or retry writes
 identical bytes.
 
@@ -20,6 +21,7 @@ import io
 import itertools
 import json
 import logging
+import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -171,6 +173,7 @@ def _write_tar(
     carry: list[tuple[dict[str, Any], Members]],
     limit: float,
     videos: list[dict[str, Any]],
+    run_id: str = "",
 ) -> dict[str, Any]:
     """Write part `part` of the shard (atomically) from the ingested videos `results` (after
     the one in `carry`, left by the previous part) until the tar holds `limit` bytes: the next
@@ -197,7 +200,7 @@ def _write_tar(
                 videos.append(entry)
         result.update(bytes=out.size, sha256=out.digest.hexdigest())
 
-    storage.atomic_write(spec.part_url(part), write)
+    storage.atomic_write(spec.part_url(part), write, tag=run_id)
     return result
 
 
@@ -217,9 +220,10 @@ def reuse_freed_buffers() -> None:
         pass
 
 
-def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    """Write one shard (one tar, or several parts with `shard_mb`) and its stats file; returns
-    the stats plus `seconds` and `cpu_seconds` (not stored: the stored stats are deterministic)."""
+def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any], run_id: str = "") -> dict[str, Any]:
+    """Write one shard (one tar, or several parts with `shard_mb`) and its stats file, temp
+    files tagged with `run_id` (an argument of the task: Ray's retries keep it); returns the
+    stats plus `seconds` and `cpu_seconds` (not stored: the stored stats are deterministic)."""
     cfg = from_dict(IngestConfig, cfg_dict)
     cv2.setNumThreads(max(1, int(cfg.task_cpus)))  # OpenCV's pool would oversubscribe the task
     reuse_freed_buffers()
@@ -228,9 +232,9 @@ def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
     videos: list[dict[str, Any]] = []
     results = (_ingest_video(url, cfg) for url in spec.videos)  # one video at a time
     carry: list[tuple[dict[str, Any], Members]] = []
-    tars = [_write_tar(spec, 0, results, carry, limit, videos)]
+    tars = [_write_tar(spec, 0, results, carry, limit, videos, run_id)]
     while carry:
-        tars.append(_write_tar(spec, len(tars), results, carry, limit, videos))
+        tars.append(_write_tar(spec, len(tars), results, carry, limit, videos, run_id))
     clips = sum(v["clips"] for v in videos)
     # One tar: its hash; several parts: a hash over their names and hashes.
     parts = "".join(f"{t['name']}:{t['sha256']}\n" for t in tars).encode()
@@ -247,7 +251,8 @@ def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any]) -> dict[str, Any]:
         "videos": videos,
     }
     # The done marker, last. Deterministic content: no timings (those go to the driver).
-    storage.atomic_write_bytes(spec.stats_url, json.dumps(stats, indent=1, sort_keys=True).encode())
+    body = json.dumps(stats, indent=1, sort_keys=True).encode()
+    storage.atomic_write_bytes(spec.stats_url, body, tag=run_id)
     # process_time counts every thread of this worker process (decord decodes in its own).
     cpu = time.process_time() - cpu_start
     return {**stats, "seconds": time.perf_counter() - start, "cpu_seconds": cpu}
@@ -261,17 +266,92 @@ def shard_tars(spec: ShardSpec, stats: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": spec.name, **{k: stats[k] for k in ("num_samples", "bytes", "sha256")}}]
 
 
+_STATS_KEYS = {"config_hash": str, "num_samples": int, "num_frames": int, "bytes": int,
+               "sha256": str, "videos": list}  # fmt: skip
+_TAR_KEYS = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
+_VIDEO_KEYS = {"path": str, "status": str, "message": str}
+
+
+def _stats_problem(stats: Any) -> str:
+    """What makes `stats` unlike what `process_shard` writes ("" when nothing does)."""
+
+    def invalid(entry: Any, keys: dict[str, type]) -> str:
+        if not isinstance(entry, dict):
+            return "not a JSON object"
+        bad = [k for k, kind in keys.items() if not isinstance(entry.get(k), kind)]
+        return f"no valid {bad[0]!r}" if bad else ""
+
+    if problem := invalid(stats, _STATS_KEYS):
+        return problem
+    if not isinstance(stats.get("tars", []), list):
+        return "no valid 'tars'"
+    for name, keys in (("tars", _TAR_KEYS), ("videos", _VIDEO_KEYS)):
+        for entry in stats.get(name, []):
+            if problem := invalid(entry, keys):
+                return f"an entry of {name!r}: {problem}"
+    return ""
+
+
+def read_stats(url: str, *, warn: bool = True) -> dict[str, Any] | None:
+    """The stats file at `url`, or None when it is not one (torn, garbage, keys missing): its
+    shard is then not done, and is written again (the same bytes); a warning names the file."""
+    try:
+        stats = json.loads(storage.read_bytes(url))
+        problem = _stats_problem(stats)
+    except ValueError as e:  # not UTF-8, not JSON
+        problem = f"{type(e).__name__}: {str(e)[:100]}"
+    if not problem:
+        return stats
+    if warn:
+        log.warning("%s is not a valid stats file (%s): writing its shard again", url, problem)
+    return None
+
+
+def recorded_videos(dst: str) -> dict[int, list[str]]:
+    """{shard index: its videos, in order} from every valid stats file in DST: what
+    assignment.json said of those shards (a shard's stats list each of its videos)."""
+    found = {}
+    for name in storage.list_names(dst):
+        m = re.fullmatch(r"shard-(\d{6,})\.stats\.json", name)
+        stats = read_stats(storage.join(dst, name), warn=False) if m else None
+        if m and stats is not None:
+            found[int(m.group(1))] = [v["path"] for v in stats["videos"]]
+    return found
+
+
+def damaged_tars(spec: ShardSpec, stats: dict[str, Any]) -> list[str]:
+    """Names of the done shard's tars whose bytes do not hash to the sha256 its stats record
+    (damage that keeps the size, which `read_done` cannot see), each with a warning."""
+    damaged = []
+    for t in shard_tars(spec, stats):
+        digest = hashlib.sha256()
+        fs, path = storage.get_fs(storage.join(spec.output, t["name"]))
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != t["sha256"]:
+            damaged.append(t["name"])
+            log.warning(
+                "%s has the size its stats record but not their sha256: writing shard %d again",
+                storage.join(spec.output, t["name"]), spec.index,
+            )  # fmt: skip
+    return damaged
+
+
 def read_done(shards: list[ShardSpec], cfg: IngestConfig) -> dict[int, dict[str, Any]]:
     """{shard index: stats} of the shards already written (their stats file is the done
-    marker); a shard whose tars were since deleted, truncated or replaced is not done. A shard
-    written with another content config is refused: rerun with --overwrite or a new output."""
+    marker); a shard whose tars were since deleted, truncated or replaced, or whose stats file
+    is not valid, is not done. A shard written with another content config is refused: rerun
+    with --overwrite or a new output."""
     sizes = storage.list_sizes(shards[0].output) if shards else {}
     done = {}
     expected, accepted = config_hash(cfg), accepted_hashes(cfg)
     for spec in shards:
         if spec.stats_url.rsplit("/", 1)[-1] not in sizes:
             continue
-        stats = json.loads(storage.read_text(spec.stats_url))
+        stats = read_stats(spec.stats_url)
+        if stats is None:
+            continue
         # A tar deleted, truncated or replaced after the shard was done: write the shard
         # again (the same bytes). Sizes are what can be checked without reading every tar.
         damaged = [t for t in shard_tars(spec, stats) if sizes.get(t["name"]) != t["bytes"]]

@@ -1,11 +1,18 @@
 """Ground floor: files. Local paths and fsspec URLs behind one API (`storage.fs`), atomic
-writes (`storage.atomic`) and the packaged sample videos (`storage.samples`). Imports no
-other package of this project.
+writes (`storage.atomic`), an exclusive lock on an output (`storage.lock`) and the packaged
+sample videos (`storage.samples`). Imports no other package of this project.
 
     from storage import atomic_write_bytes, join, read_text
 """
 
-from storage.atomic import TMP_MARK, atomic_path, atomic_write, atomic_write_bytes, fsync_dir
+from storage.atomic import (
+    TMP_MARK,
+    atomic_path,
+    atomic_write,
+    atomic_write_bytes,
+    fsync_dir,
+    tmp_tag,
+)
 from storage.fs import (
     exists,
     get_fs,
@@ -22,9 +29,22 @@ from storage.fs import (
     strip_file,
     to_url,
 )
+from storage.lock import (
+    LockError,
+    LockHeld,
+    LockLost,
+    OutputLock,
+    live_owner,
+    new_run_id,
+    read_lock,
+)
 from storage.samples import SAMPLE_VIDEOS, sample_video_dir
 
 __all__ = [
+    "LockError",
+    "LockHeld",
+    "LockLost",
+    "OutputLock",
     "SAMPLE_VIDEOS",
     "TMP_MARK",
     "atomic_path",
@@ -37,13 +57,17 @@ __all__ = [
     "join",
     "list_names",
     "list_sizes",
+    "live_owner",
     "local_copy",
     "makedirs",
+    "new_run_id",
     "not_a_directory",
     "read_bytes",
+    "read_lock",
     "read_text",
     "remove",
     "sample_video_dir",
     "strip_file",
+    "tmp_tag",
     "to_url",
 ]

@@ -1,10 +1,11 @@
 """Atomic, durable writes: readers of a destination see either nothing or the complete file,
 also after a power loss or a kill -9 at any point.
 
-A local file is written to `<name>.tmp-<random>` in the same directory, fsynced, renamed into
-place (`os.replace`) and its directory fsynced (the rename itself is then on disk); an
-object-store file is written to a local temporary file and uploaded with one PUT (object
-stores never expose a half-written object).
+A local file is written to `<name>.tmp-<random>` in the same directory (with a tag,
+`<name>.tmp-<tag>-<random>`: a run names its temp files, so that it can tell them from another
+run's), fsynced, renamed into place (`os.replace`) and its directory fsynced (the rename itself
+is then on disk); an object-store file is written to a local temporary file and uploaded with
+one PUT (object stores never expose a half-written object).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from storage.fs import get_fs, is_local, strip_file
 TMP_MARK = ".tmp-"
 
 
-def atomic_write(url: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(fileobj)` and publish the result at `url` atomically."""
+def atomic_write(url: str, write: Callable[[IO[bytes]], None], tag: str = "") -> None:
+    """Call `write(fileobj)` and publish the result at `url` atomically; a local temp file's
+    name carries `tag` (e.g. a run id; `tmp_tag` reads it back)."""
+    if "/" in tag or "-" in tag or TMP_MARK in tag:
+        raise ValueError(f"temp file tag {tag!r} must not contain '/' or '-'")
     if is_local(url):
         path = strip_file(url)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{TMP_MARK}{tag + '-' if tag else ''}{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as f:
                 write(f)
@@ -64,8 +68,17 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    atomic_write(url, lambda f: f.write(data))
+def atomic_write_bytes(url: str, data: bytes, tag: str = "") -> None:
+    atomic_write(url, lambda f: f.write(data), tag)
+
+
+def tmp_tag(name: str) -> str | None:
+    """The tag in the name of a temp file `atomic_write` made ("" for an untagged one), or
+    None when `name` is not such a temp file."""
+    if TMP_MARK not in name:
+        return None
+    rest = name.rsplit(TMP_MARK, 1)[1]
+    return rest.rsplit("-", 1)[0] if "-" in rest else ""
 
 
 @contextlib.contextmanager

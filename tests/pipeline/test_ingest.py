@@ -236,12 +236,12 @@ def test_shard_mb_splits_tars_and_keeps_every_sample(ingested, edge, tmp_path):
     assert [t["name"] for t in stats["tars"]] == [n for n in got["shards"] if "000000" in n]
     assert all(v["tar"] in got["shards"] for v in stats["videos"] if v["clips"])
     # Rerun: nothing rewritten; a deleted part makes its shard be written again, identically.
-    before = _tree(split)
+    before = file_tree(split)
     again = ingest(str(listing), str(split), cfg, progress=False)
-    assert _tree(split) == before and again["content_hash"] == got["content_hash"]
+    assert file_tree(split) == before and again["content_hash"] == got["content_hash"]
     (split / "shard-000000_001.tar").unlink()
     again = ingest(str(listing), str(split), cfg, progress=False)
-    assert _tree(split) == before and again["content_hash"] == got["content_hash"]
+    assert file_tree(split) == before and again["content_hash"] == got["content_hash"]
 
 
 def test_overwrite_starts_over(ray_local, tmp_path):
@@ -262,7 +262,8 @@ def test_overwrite_starts_over(ray_local, tmp_path):
     ]  # fmt: skip
 
 
-def _tree(root) -> dict[str, bytes]:
+def file_tree(root) -> dict[str, bytes]:
+    """{name: bytes} of every file in `root` (also used by test_ingest_lock.py)."""
     return {n: (root / n).read_bytes() for n in sorted(os.listdir(root))}
 
 
@@ -312,7 +313,7 @@ def test_killed_driver_rerun_equals_uninterrupted_run(ray_local, tmp_path):
     assert 2 <= len(partial) < 6 and not (killed / "manifest.json").exists()
     time.sleep(1.0)  # let Ray reap the dead driver's task before the rerun
     assert cli(killed).wait(timeout=300) == 0
-    assert _tree(killed) == _tree(full)
+    assert file_tree(killed) == file_tree(full)
     manifest = json.loads((full / "manifest.json").read_text())
     assert manifest["num_shards"] == 6 and manifest["num_samples"] == 6 * 125
     keys = []
@@ -344,7 +345,7 @@ def test_killed_driver_rerun_equals_uninterrupted_run(ray_local, tmp_path):
         time.sleep(0.01)
     assert killed_pid is not None, "no worker was caught writing a shard"
     assert proc.wait(timeout=300) == 0
-    assert _tree(worker_killed) == _tree(full)  # no half-written tar of the killed attempt
+    assert file_tree(worker_killed) == file_tree(full)  # no half-written tar of the killed attempt
 
 
 def test_shard_that_cannot_be_written_is_retried_once_then_reported(ray_local, tmp_path, caplog):
@@ -409,11 +410,11 @@ def test_odd_names_damaged_tars_and_output_inside_the_input(ray_local, tmp_path,
     first = ingest(f"{src}/**", str(dst), cfg, progress=False)
     assert first["videos"] == {"total": 2, "ok": 2, "skipped": 0, "failed": 0}
     assert first["num_shards"] == 1 and first["num_samples"] == 4
-    before = _tree(dst)
+    before = file_tree(dst)
     with open(dst / "shard-000000.tar", "r+b") as f:
         f.truncate(5000)
     with caplog.at_level(logging.WARNING):
         again = ingest(f"{src}/**", str(dst), cfg, progress=False)
     assert "ignored 4 input files under the output" in caplog.text
     assert "shard-000000.tar is 5000 bytes, its stats say" in caplog.text
-    assert again["num_shards"] == 1 and _tree(dst) == before
+    assert again["num_shards"] == 1 and file_tree(dst) == before

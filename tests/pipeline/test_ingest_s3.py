@@ -24,8 +24,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3_ray(tmp_path_factory):
-    import ray
+def s3_server():
+    """moto in server mode on loopback, this process's AWS_* variables pointing at it (fake
+    credentials); yields those variables. Other modules import this fixture."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
@@ -39,19 +41,30 @@ def s3_ray(tmp_path_factory):
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    # Ray workers get the same endpoint and fake credentials.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})  # fmt: skip
+    s3fs.S3FileSystem.clear_instance_cache()  # none bound to another module's server
     try:
         yield env
     finally:
-        ray.shutdown()
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    import ray
+
+    # Ray workers get the same endpoint and fake credentials.
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": s3_server})  # fmt: skip
+    try:
+        yield s3_server
+    finally:
+        ray.shutdown()
 
 
 def test_ingest_and_load_through_s3(s3_ray, tmp_path):

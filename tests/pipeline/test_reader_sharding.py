@@ -13,9 +13,16 @@ from pipeline.config import IngestConfig
 from pipeline.decode import clip_starts
 from pipeline.manifest import Problem, build_manifest
 from pipeline.reader import InputError, list_videos
-from pipeline.sharding import ShardSpec, assign, load_assignment, plan_shards
+from pipeline.sharding import (
+    AssignmentError,
+    ShardSpec,
+    assign,
+    load_assignment,
+    plan_shards,
+    recover_plan,
+)
 from pipeline.summary import summary_table
-from pipeline.worker import accepted_hashes, config_hash, read_done
+from pipeline.worker import accepted_hashes, config_hash, read_done, recorded_videos
 from typedconfig import ConfigError, from_dict, load_config, replace
 
 EXT = ("mp4", "mov")
@@ -84,6 +91,59 @@ def test_shard_plan_is_deterministic_and_append_only(tmp_path):
     assert load_assignment(str(tmp_path)) == plan
     again = assign(videos + ["v0"], str(tmp_path), 2)
     assert [list(s.videos) for s in again] == plan + [["v0"]]
+
+
+def test_unreadable_assignment_is_rebuilt_from_the_done_shards_or_refused(tmp_path):
+    videos = [f"v{i}" for i in (5, 1, 3, 2, 4)]
+    for garbage in (b"{", b"\xff", b"[]", b'{"shards": "v1"}', b'{"shards": [[1]]}'):
+        (tmp_path / "assignment.json").write_bytes(garbage)
+        with pytest.raises(AssignmentError, match=f"{tmp_path}/assignment.json is not valid"):
+            load_assignment(str(tmp_path))
+    with pytest.raises(AssignmentError):  # nothing to rebuild it from
+        assign(videos, str(tmp_path), 2)
+    # Never appended to: the first-run plan, which agrees with every shard recorded.
+    first = [["v1", "v2"], ["v3", "v4"], ["v5"]]
+    assert recover_plan(videos, {}, 2, "x") == first
+    assert recover_plan(videos, {1: ["v3", "v4"], 2: ["v5"]}, 2, "x") == first
+    # Appended to (v0 came later, as shard 3): the done shards 0..k-1, the rest packed after.
+    grown = [*first, ["v0", "v6"]]
+    done = {i: shard for i, shard in enumerate(grown[:3])}
+    assert recover_plan([*videos, "v0", "v6"], done, 2, "x") == grown
+    assert recover_plan([*videos, "v0", "v6"], {**done, 3: ["v0", "v6"]}, 2, "x") == grown
+    # A done shard after one without stats, and the first-run plan disagrees: refused.
+    with pytest.raises(AssignmentError, match=r"^why, .*shard 1 has no valid stats file while "
+                       r"shard 3 has.*Rerun with --overwrite"):  # fmt: skip
+        recover_plan([*videos, "v0", "v6"], {0: first[0], 3: ["v0", "v6"]}, 2, "why")
+    # assign() rebuilds and rewrites it from what `recorded` returns.
+    specs = assign([*videos, "v0", "v6"], str(tmp_path), 2, lambda: done)
+    assert [list(s.videos) for s in specs] == grown == load_assignment(str(tmp_path))
+
+
+def test_stats_files_that_are_not_valid_make_their_shard_not_done(tmp_path, caplog):
+    spec = ShardSpec(0, ("v.mp4",), str(tmp_path))
+    (tmp_path / spec.name).write_bytes(b"")
+    good = {"config_hash": config_hash(IngestConfig()), "num_samples": 0, "num_frames": 0,
+            "bytes": 0, "sha256": "", "videos": [{"path": "v.mp4", "status": "ok", "clips": 0,
+            "message": ""}]}  # fmt: skip
+    stats = tmp_path / "shard-000000.stats.json"
+    for content, problem in [
+        (b"", "JSONDecodeError"),
+        (b"\xff{}", "UnicodeDecodeError"),
+        (b"[1]", "not a JSON object"),
+        (json.dumps({**good, "videos": None}), "no valid 'videos'"),
+        (json.dumps({**good, "tars": [{"name": 1}]}), "an entry of 'tars': no valid 'name'"),
+        (json.dumps({**good, "videos": [{"path": "v"}]}), "an entry of 'videos': no valid 'status'"),
+    ]:  # fmt: skip
+        stats.write_bytes(content.encode() if isinstance(content, str) else content)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.worker"):
+            assert read_done([spec], IngestConfig()) == {}
+        assert f"{stats} is not a valid stats file ({problem}" in caplog.text
+        assert "writing its shard again" in caplog.text
+        assert recorded_videos(str(tmp_path)) == {}
+    stats.write_text(json.dumps(good))
+    assert read_done([spec], IngestConfig()) == {0: good}
+    assert recorded_videos(str(tmp_path)) == {0: ["v.mp4"]}
 
 
 def test_relative_paths_recorded_by_earlier_versions_match_absolute_input(tmp_path, monkeypatch):
