@@ -133,11 +133,21 @@ def _video_members(url: str, cfg: IngestConfig, entry: dict[str, Any]) -> Member
     except SkipVideo as e:
         entry.update(status="skipped", message=str(e))
     except Exception as e:  # task boundary for one video: record, never fail the shard
-        error = f"{type(e).__name__}: {str(e)[:400]}; {_fix(e)}"
+        error = f"{type(e).__name__}: {_stable(str(e))[:400]}; {_fix(e)}"
         if entry["clips"]:  # a decode error mid-video: the clips before it stay
             entry["message"] = f"stopped after {entry['clips']} clips: {error}"
         else:
             entry.update(status="failed", message=error)
+
+
+# decord's errors start with the wall-clock time ("[06:22:39] /github/workspace/src/..."): a
+# rerun would write other stats for the same video. The time says nothing about the video.
+_CLOCK = re.compile(r"\[\d\d:\d\d:\d\d\] ")
+
+
+def _stable(message: str) -> str:
+    """`message` without wall-clock times, so stats stay byte-identical across runs."""
+    return _CLOCK.sub("", message)
 
 
 def _fix(e: Exception) -> str:

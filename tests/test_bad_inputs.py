@@ -99,6 +99,28 @@ def test_videos(sandbox):
     assert sandbox.inputs() == before and not any(sandbox.cwd.iterdir())
 
 
+def test_ingest_bookkeeping(sandbox):
+    # After test_videos: damage what it wrote, rerun the same command with --verify.
+    dst = sandbox.out / "shards"
+    originals = {p.name: p.read_bytes() for p in dst.iterdir() if p.suffix in (".tar", ".json")}
+    kinds = corpus.bookkeeping(dst)
+    listing = sandbox.root / "videos.txt"
+    before = sandbox.inputs()
+    done = sandbox.run(
+        "jobs.ingest", "--input", str(listing), "--output", str(dst), "--no-progress", "--verify",
+        "size=[32,32]", "clip_len=2", "clips_per_video=2", "videos_per_shard=4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = done.stdout + done.stderr
+    assert "Traceback" not in text
+    for kind in kinds:
+        assert kind.expect in text, (kind, text[-3000:])
+    # Healed: every file as the first run wrote it, the lock released.
+    assert {n: (dst / n).read_bytes() for n in originals} == originals
+    assert not (dst / ".ingest.lock").exists()
+    assert sandbox.inputs() == before and not any(sandbox.cwd.iterdir())
+
+
 def test_shard_members(sandbox, good_shards):
     manifest, kinds, num_samples = corpus.shard_members(sandbox.root, good_shards.parent)
     before = sandbox.inputs()
@@ -111,8 +133,14 @@ def test_shard_members(sandbox, good_shards):
     assert done.returncode == 0, done.stderr[-3000:]
     # Each kind of bad sample is warned about once, naming the shard, the key and the fix.
     warned = [line for line in done.stderr.splitlines() if "WARNING" in line]
-    for expect in ("frame_indices is None", "header declares", "do not match the clip_sha256",
-                   "allow_unverified_clips", "skipped unread", "shard-000003.tar skipped"):
+    for expect in (
+        "frame_indices is None",
+        "header declares",
+        "do not match the clip_sha256",
+        "allow_unverified_clips",
+        "skipped unread",
+        "shard-000003.tar skipped",
+    ):
         assert any(expect in line for line in warned), (expect, warned)
     out = json.loads(done.stdout.strip().splitlines()[-1])["pretrain"]
     assert out["version"] == 1 and out["checkpoint"].endswith(f"checkpoint_{steps:08d}")
