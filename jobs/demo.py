@@ -73,6 +73,7 @@ def save_untrained(state_uri: str, tracking_uri: str, path: Path) -> None:
     import torch
 
     from jobs.registry import load_state
+    from jobs.tensor_files import tensor_bytes, write_file
     from model import MAST
 
     if path.exists():
@@ -80,7 +81,8 @@ def save_untrained(state_uri: str, tracking_uri: str, path: Path) -> None:
     args = load_state(state_uri, tracking_uri)["model_args"]
     torch.manual_seed(0)
     model = MAST(**args)
-    torch.save({"model_args": model.model_args, "model": model.state_dict()}, path)
+    # Tensors and plain values only (jobs.evaluate loads it with weights_only=True), atomic.
+    write_file(path, tensor_bytes({"model_args": model.model_args, "model": model.state_dict()}))
 
 
 def copy_first_frame_baseline(davis_root: Path, split: str) -> dict[str, float]:
@@ -146,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
+    # No MLflow flavour may unpickle a model in any step (the env goes to every subprocess).
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     root = (PROJECT / args.root).resolve() if not Path(args.root).is_absolute() else Path(args.root)
     if args.fresh and root.exists():

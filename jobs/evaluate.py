@@ -91,11 +91,14 @@ def open_store(configured: str, model_uri: str) -> tuple[str, Any]:
 def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
     """The checkpoint dict behind a models:/, runs:/ URI or a local checkpoint path."""
     from jobs.registry import load_state
+    from jobs.tensor_files import CheckpointError
 
     where = f" from the MLflow store {tracking_uri}" if reads_registry(uri) else ""
     try:
         return load_state(uri, tracking_uri or None)
-    except Exception as e:  # noqa: BLE001 - registry, download and unpickling errors alike
+    except CheckpointError as e:  # names the file and its fix (e.g. may hold code: convert)
+        raise EvalError(f"cannot load model {uri!r}{where}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - registry and download errors alike
         raise EvalError(
             f"cannot load model {uri!r}{where} ({type(e).__name__}: {e}); pass "
             "models:/name@alias, models:/name/N, runs:/<run_id>/model or a checkpoint path "
@@ -335,6 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
+    import os
+
+    # No MLflow flavour may unpickle a model in this job (ours load tensors only).
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     overrides = list(args.overrides)
     if args.split:
         overrides.append(f"split={args.split}")

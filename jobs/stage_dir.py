@@ -3,8 +3,9 @@
 `<storage_path>/<run_name>-<stage>/` (`StageDir`) holds
 - `checkpoint_<step:08d>/`: Ray Train's checkpoint directories (what is inside one, and when
   it counts as complete, is `jobs.checkpoint`'s format); the stage's final one also holds
-  `example_input.pt` (the first batch's first two clips, for the registered example) and
-  `rank_digests.json` (every rank's parameter digest);
+  `example_input.pt` (the first batch's first two clips, tensors only, for the registered
+  example) and `rank_digests.json` (every rank's parameter digest), written with the others
+  before its marker (`final_files`), so the marker's hashes cover them;
 - `stage_data.json` (`StageData`): the data the stage started on, written once when it starts;
 - `stage_done.json` (`StageDone`): written last, when the stage is registered;
 - `corrupt_checkpoints.jsonl`: checkpoints found unreadable (`jobs.checkpoint.record_corrupt`);
@@ -29,8 +30,10 @@ from jobs.checkpoint import (
     CORRUPT_LOG,
     NoReadableCheckpoint,
     ReadableCheckpoint,
+    load_checkpoint_file,
     load_first_readable,
 )
+from jobs.tensor_files import CheckpointError, tensor_bytes
 from jobs.train_config import TrainConfig
 from storage import atomic_write_bytes
 from typedconfig import ConfigError
@@ -64,12 +67,36 @@ def rank_digests_file(checkpoint: str | Path) -> Path:
     return Path(checkpoint) / RANK_DIGESTS_FILE
 
 
-def write_final_files(
-    checkpoint: Path, example_input: dict[str, torch.Tensor], rank_digests: list[str]
-) -> None:
-    """What only a stage's final checkpoint holds, beside `jobs.checkpoint`'s files."""
-    torch.save(example_input, example_input_file(checkpoint))
-    rank_digests_file(checkpoint).write_text(json.dumps({"rank_param_digests": rank_digests}))
+def final_files(
+    example_input: dict[str, torch.Tensor], rank_digests: list[str]
+) -> dict[str, bytes]:
+    """What only a stage's final checkpoint holds, beside `jobs.checkpoint`'s files: {name:
+    content}, for `save_checkpoint(extra_files=...)` to write before its marker."""
+    return {
+        EXAMPLE_INPUT_FILE: tensor_bytes({k: v.cpu() for k, v in example_input.items()}),
+        RANK_DIGESTS_FILE: json.dumps({"rank_param_digests": rank_digests}).encode(),
+    }
+
+
+def read_example_input(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """The final checkpoint's example input, verified against its marker, tensors only."""
+    return load_checkpoint_file(checkpoint, EXAMPLE_INPUT_FILE)
+
+
+def check_final_files(state: dict[str, Any], path: Path) -> None:
+    """A checkpoint of a stage's last step without its final files is incomplete.
+
+    Written by code that added them after the marker, killed in between: every rerun would
+    resume from it, find nothing left to train and fail registering it. Skipped instead (the
+    stage trains its last steps again from the checkpoint before).
+    """
+    schedule = state.get("config", {}).get("schedule", {})
+    final = isinstance(schedule, dict) and state.get("step") == schedule.get("steps")
+    if final and not example_input_file(path).is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is the stage's last but has no {EXAMPLE_INPUT_FILE}: killed "
+            "before it was written"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +211,7 @@ class StageDir:
         one recorded); NoReadableCheckpoint if none does."""
         start = Path(start)
         older = [p for p in self.checkpoints() if checkpoint_step(p) < checkpoint_step(start)]
-        return load_first_readable([start, *reversed(older)])
+        return load_first_readable([start, *reversed(older)], check_final_files)
 
     def resume_checkpoint(self, restored: str | Path | None) -> ReadableCheckpoint | None:
         """The checkpoint a (re)started stage continues from: the newer of `restored` (Ray's

@@ -8,8 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from jobs import mlflow_keys as keys
 from jobs.checkpoint import CheckpointError, NoReadableCheckpoint, check_compatible
 from jobs.ray_fit import run_stage
@@ -18,9 +16,11 @@ from jobs.stage_dir import (
     StageData,
     StageDir,
     StageDone,
-    example_input_file,
+    checkpoint_step,
     load_latest_valid,
+    read_example_input,
 )
+from jobs.tensor_files import kill_hook
 from jobs.tracking import StageRuns, finish_run, log_dataset, set_tag
 from jobs.train_config import TrainConfig
 from jobs.train_data import DataInfo, data_tags
@@ -161,11 +161,15 @@ def train_stages(
             where.path,
         )
         final, metrics = run_stage(cfg, run_name, data, uri, child)
+        kill = kill_hook(checkpoint_step(final))  # the kill -9 tests' points; nothing otherwise
+        kill("trained")
         version = register(cfg, final, run_name, data, uri, child) if cfg.mlflow.register else None
+        kill("registered")
         finish_run(uri, child)
         ended.add(child)
         done = StageDone(str(final), version, metrics, child)
         where.write_done(done)
+        kill("done")
         outputs[cfg.stage] = done.as_dict()
         previous, previous_stage = done.checkpoint, cfg.stage
     return outputs
@@ -173,7 +177,7 @@ def train_stages(
 
 def register(cfg: TrainConfig, final: Path, run_name: str, data: DataInfo, uri: str, run_id: str):
     state, _, _ = load_latest_valid(final)
-    example_input = torch.load(example_input_file(final), map_location="cpu", weights_only=True)
+    example_input = read_example_input(final)
     return register_stage(
         cfg, state, example_input, run_name=run_name, data_hash=data.content_hash, uri=uri,
         run_id=run_id,

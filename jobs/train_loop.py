@@ -37,7 +37,8 @@ from jobs.checkpoint import (
     unwrap,
 )
 from jobs.rank_zero import RankZeroTracker
-from jobs.stage_dir import checkpoint_name, write_final_files
+from jobs.stage_dir import checkpoint_name, final_files
+from jobs.tensor_files import kill_hook
 from jobs.worker import InjectedFault, LoopConfig, Worker, build_optimizer, select_device
 from typedconfig import to_dict
 
@@ -196,30 +197,38 @@ def report_checkpoint(worker: Worker, step: int, metrics: dict, example_input) -
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
+    kill = kill_hook(step)  # the kill -9 tests' write points; nothing otherwise
+    extra = None if example_input is None else final_files(example_input, worker.rank_digests)
     # In local mode (num_workers=0) Ray does not persist checkpoints: write them in place.
     if worker.local_mode:
         directory = worker.stage_dir.checkpoint_path(step)
     else:
         directory = Path(tempfile.mkdtemp(prefix="mast-ckpt-"))
-    save_checkpoint(
-        directory,
-        model=worker.model,
-        optimizer=worker.optimizer,
-        scheduler=worker.scheduler,
-        step=step,
-        config=to_dict(cfg),
-        data_position={"start_step": step, "seed": cfg.seed},
-        metrics=metrics,
-    )
-    if example_input is not None:
-        write_final_files(directory, example_input, worker.rank_digests)
-    ray.train.report(
-        metrics, checkpoint=Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
-    )
+    try:
+        save_checkpoint(
+            directory,
+            model=worker.model,
+            optimizer=worker.optimizer,
+            scheduler=worker.scheduler,
+            step=step,
+            config=to_dict(cfg),
+            data_position={"start_step": step, "seed": cfg.seed},
+            metrics=metrics,
+            extra_files=extra,
+            kill=kill,
+        )
+        # Ray mode: report copies the directory to storage before it returns (sync upload);
+        # the temporary directory goes whatever happens (a kill -9 aside).
+        ray.train.report(
+            metrics, checkpoint=Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
+        )
+        kill("reported")
+    finally:
+        if not worker.local_mode:
+            shutil.rmtree(directory, ignore_errors=True)
     if worker.local_mode:
         worker.stage_dir.prune(cfg.checkpoint.keep)
-    else:
-        shutil.rmtree(directory, ignore_errors=True)  # Ray has copied it to storage (sync upload)
+        kill("pruned")
 
 
 def restore(worker: Worker) -> int:

@@ -1,14 +1,23 @@
-"""Checkpoints: full round trip, compatibility errors, corrupt ones recorded and skipped."""
+"""Checkpoints: full round trip, compatibility errors, corrupt ones recorded and skipped, files
+that hold only tensors and are verified against the marker's hashes, I/O errors retried."""
 
 from __future__ import annotations
 
+import errno
+import fractions
+import hashlib
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from jobs import tensor_files
 from jobs.checkpoint import (
     CORRUPT_LOG,
+    MARKER_FILE,
+    STATE_FILE,
     CheckpointError,
     NoReadableCheckpoint,
     check_compatible,
@@ -16,7 +25,15 @@ from jobs.checkpoint import (
     restore_training_state,
     save_checkpoint,
 )
+from jobs.checkpoint_convert import convert
 from jobs.stage_dir import load_latest_valid
+from jobs.tensor_files import (
+    CheckpointReadError,
+    UnsafeFileError,
+    file_record,
+    kill_hook,
+    tensor_bytes,
+)
 from model import MAST
 
 ARGS = dict(width=8, feat_dim=8)
@@ -115,3 +132,104 @@ def test_all_corrupt_is_a_clear_error(tmp_path):
     assert isinstance(raised.value, CheckpointError)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
+
+
+def test_saved_files_are_tensors_only_and_hashed_in_the_marker(tmp_path):
+    model, opt, sched = _trained()
+    np.random.seed(5)
+    expected_numpy = np.random.get_state()
+    extra = {"notes.json": b'{"a": 1}'}
+    ckpt = save_checkpoint(
+        tmp_path / "c", model=model, optimizer=opt, scheduler=sched, step=3, config={},
+        data_position={}, metrics={"loss": np.float64(0.25)}, extra_files=extra,
+    )  # fmt: skip
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)  # no pickle
+    assert type(state["metrics"]["loss"]) is float and state["metrics"]["loss"] == 0.25
+    key = state["rng"]["numpy"]["key"]
+    assert key.dtype == torch.uint32 and np.array_equal(key.numpy(), expected_numpy[1])
+    np.random.seed(6)
+    restore_training_state(state, MAST(**ARGS))  # numpy's stream continues from the save
+    assert np.random.rand() == np.random.RandomState(5).rand()
+    marker = json.loads((ckpt / MARKER_FILE).read_text())
+    assert marker["format"] == 2 and marker["step"] == 3
+    assert sorted(marker["files"]) == ["checkpoint.pt", "notes.json"]
+    for name, record in marker["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert record == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    assert not [p.name for p in ckpt.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_file_that_differs_from_its_marker_is_corrupt(tmp_path):
+    # E.g. Ray's copy to storage killed half way: the marker landed, checkpoint.pt did not.
+    model, opt, sched = _trained()
+    old = _save(tmp_path / "checkpoint_00000002", model, opt, sched, 2)
+    new = _save(tmp_path / "checkpoint_00000004", model, opt, sched, 4)
+    data = (new / STATE_FILE).read_bytes()
+    (new / STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"checkpoint_00000004/checkpoint.pt is corrupt: "):
+        load_checkpoint(new)
+    state, used, skipped = load_latest_valid(new)
+    assert used == old and state["step"] == 2 and skipped == [str(new)]
+    # A stale marker in a directory saved into again vouches for nothing: removed first.
+    marker = (new / MARKER_FILE).read_bytes()
+    _save(new, model, opt, sched, 4)
+    assert (new / MARKER_FILE).read_bytes() != marker and load_checkpoint(new)["step"] == 4
+
+
+def test_io_errors_are_retried_then_raised_not_recorded(tmp_path, monkeypatch):
+    model, opt, sched = _trained()
+    older = _save(tmp_path / "checkpoint_00000001", model, opt, sched, 1)
+    ckpt = _save(tmp_path / "checkpoint_00000002", model, opt, sched, 2)
+    monkeypatch.setattr(tensor_files, "READ_RETRY_S", 0.0)
+    real_read = Path.read_bytes
+    failures = {"left": 2}
+
+    def flaky(path: Path) -> bytes:
+        if path.name == STATE_FILE and path.parent == ckpt and failures["left"]:
+            failures["left"] -= 1
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", flaky)
+    assert load_checkpoint(ckpt)["step"] == 2  # two transient failures: the third read works
+    failures["left"] = 99
+    with pytest.raises(
+        CheckpointReadError, match=r"cannot read .*checkpoint_00000002/checkpoint.pt"
+    ):
+        load_latest_valid(ckpt)  # not skipped for the older one: the file may be fine
+    assert not (tmp_path / CORRUPT_LOG).exists() and older.exists()
+
+
+def test_a_file_holding_more_than_tensors_is_refused_and_skipped(tmp_path):
+    model, opt, sched = _trained()
+    older = _save(tmp_path / "checkpoint_00000001", model, opt, sched, 1)
+    ckpt = _save(tmp_path / "checkpoint_00000002", model, opt, sched, 2)
+    state = torch.load(ckpt / STATE_FILE, weights_only=True)
+    state["config"] = {"when": fractions.Fraction(1, 3)}  # harmless, but not a tensor type
+    data = tensor_bytes(state)
+    (ckpt / STATE_FILE).write_bytes(data)
+    marker = json.loads((ckpt / MARKER_FILE).read_text())
+    marker["files"][STATE_FILE] = file_record(data)  # as if its writer had made it
+    (ckpt / MARKER_FILE).write_text(json.dumps(marker))
+    with pytest.raises(UnsafeFileError) as refused:
+        load_checkpoint(ckpt)
+    message = str(refused.value)
+    assert f"{ckpt / STATE_FILE} may hold code" in message and "fractions.Fraction" in message
+    assert "NOT run" in message and f"python -m jobs.checkpoint convert {ckpt}" in message
+    assert isinstance(refused.value, CheckpointError)
+    resume = load_latest_valid(ckpt)
+    assert resume.path == older and resume.skipped == [str(ckpt)]
+    (record,) = [json.loads(line) for line in (tmp_path / CORRUPT_LOG).read_text().splitlines()]
+    assert "may hold code" in record["error"]
+    # convert turns numpy values into tensors; another class is refused, the file left as it was.
+    with pytest.raises(CheckpointError, match="still holds other objects"):
+        convert(ckpt)
+    assert (ckpt / STATE_FILE).read_bytes() == data
+
+
+def test_the_kill_hook_is_inert_unless_it_names_the_step(monkeypatch):
+    monkeypatch.delenv("MAST_TEST_KILL_AT", raising=False)
+    kill_hook(2)("checkpoint.pt")  # this process lives on
+    monkeypatch.setenv("MAST_TEST_KILL_AT", "checkpoint.pt:4")
+    kill_hook(2)("checkpoint.pt")
+    kill_hook(4)("complete.json")

@@ -1,5 +1,6 @@
 """StageDir: the checkpoints to resume from and to register, the data and done records, pruning,
-on checkpoints and records that main wrote at dc3dea1 (copied: the fixtures stay untouched)."""
+on checkpoints and records that main wrote at dc3dea1 (copied and converted to the tensors-only
+format, `python -m jobs.checkpoint convert`: the fixtures stay untouched)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.checkpoint import NoReadableCheckpoint
+from jobs.checkpoint import CORRUPT_LOG, MARKER_FILE, NoReadableCheckpoint
+from jobs.checkpoint_convert import convert
 from jobs.stage_dir import (
+    EXAMPLE_INPUT_FILE,
+    RANK_DIGESTS_FILE,
     StageData,
     StageDir,
     StageDone,
     checkpoint_name,
     checkpoint_step,
-    write_final_files,
+    final_files,
+    read_example_input,
 )
 from jobs.train_config import load_stage_configs
 from jobs.worker import LoopConfig
@@ -33,6 +38,7 @@ def stage(tmp_path) -> StageDir:
     where = StageDir(tmp_path / "legacy-pretrain")
     for name in ("checkpoint_00000002", "checkpoint_00000004"):
         shutil.copytree(FIXTURE / name, where.path / name)
+        convert(where.path / name)  # they pickle numpy's RNG state: refused as they are
     return where
 
 
@@ -176,15 +182,31 @@ def test_final_files_as_main_wrote_them(tmp_path):
     legacy = FIXTURE / "checkpoint_00000004"
     example = torch.load(legacy / "example_input.pt", map_location="cpu", weights_only=True)
     digests = json.loads((legacy / "rank_digests.json").read_text())["rank_param_digests"]
-    write_final_files(tmp_path, example, digests)
-    assert (tmp_path / "rank_digests.json").read_text() == (
-        legacy / "rank_digests.json"
-    ).read_text()
+    files = final_files(example, digests)  # written by save_checkpoint, before its marker
+    assert files[RANK_DIGESTS_FILE] == (legacy / "rank_digests.json").read_bytes()
+    (tmp_path / EXAMPLE_INPUT_FILE).write_bytes(files[EXAMPLE_INPUT_FILE])
     again = torch.load(tmp_path / "example_input.pt", map_location="cpu", weights_only=True)
     assert sorted(again) == ["frames", "gaps"]
     assert torch.equal(again["frames"], example["frames"]) and torch.equal(
         again["gaps"], example["gaps"]
     )
+
+
+def test_final_checkpoint_killed_before_its_final_files_is_skipped(stage):
+    # Code before the marker covered them wrote example_input.pt after complete.json: a kill
+    # in between left a last-step checkpoint every rerun resumed from, then failed to register.
+    four, two = stage.path / "checkpoint_00000004", stage.path / "checkpoint_00000002"
+    assert torch.equal(read_example_input(four)["gaps"], torch.tensor([[5], [2]]))
+    marker = json.loads((four / MARKER_FILE).read_text())
+    for name in (EXAMPLE_INPUT_FILE, RANK_DIGESTS_FILE):
+        (four / name).unlink()
+        del marker["files"][name]
+    marker.pop("format"), marker.pop("files")  # as that code wrote it: no hashes
+    (four / MARKER_FILE).write_text(json.dumps(marker))
+    resume = stage.resume_checkpoint(None)
+    assert resume.path == two and resume.skipped == [str(four)]
+    (record,) = [json.loads(line) for line in (stage.path / CORRUPT_LOG).read_text().splitlines()]
+    assert "has no example_input.pt: killed before it was written" in record["error"]
 
 
 def test_loop_config_crosses_to_ray_as_a_plain_dict(tmp_path):

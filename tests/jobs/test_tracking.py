@@ -1,8 +1,10 @@
-"""MLflow on SQLite: URIs, reachability, run reuse, registration and exact reload."""
+"""MLflow on SQLite: URIs, reachability, run reuse, registration (plain files, no pickled model)
+and exact reload."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,8 @@ from jobs.tracking import (
     setup_runs,
 )
 from model import MAST
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -99,7 +103,7 @@ def test_registered_model_reproduces_its_example(uri, tmp_path):
         data_position={"start_step": 1},
         metrics={"loss": 0.5},
     )
-    state = torch.load(ckpt / "checkpoint.pt", weights_only=False)
+    state = torch.load(ckpt / "checkpoint.pt", weights_only=True)
     example = compute_example(MAST.from_state(state), frames, gaps, seed=3)
     runs = setup_runs(uri, "exp", "reg", {"pretrain": {}})
     for expected in (1, 2):
@@ -152,3 +156,74 @@ def test_a_resumed_attempt_does_not_log_replayed_steps_twice(uri):
     assert sorted(m.step for m in history) == list(range(1, 9))  # each step exactly once
     assert {m.step: m.value for m in history}[5] == pytest.approx(0.2)  # the first attempt's value
     assert len(MlflowClient(uri).get_metric_history(run_id, "lr")) == 5  # a new metric: all steps
+
+
+def test_a_version_is_plain_files_and_registering_it_again_finds_it(uri, tmp_path, monkeypatch):
+    import mlflow
+
+    from jobs.checkpoint import load_checkpoint
+    from jobs.registry import register_stage, weights_digest
+    from jobs.train_config import load_stage_configs
+    from typedconfig import to_dict
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # as every job runs
+    overrides = ["mlflow.registered_model=mast-files", "model.width=8", "model.feat_dim=8"]
+    (cfg,) = load_stage_configs(ROOT / "configs/train/demo.yaml", ["pretrain"], overrides)
+    torch.manual_seed(0)
+    model = MAST(cfg.model)
+    frames = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
+    example_input = {"frames": frames, "gaps": torch.tensor([[2], [5]])}
+    runs = setup_runs(uri, "exp", "files", {"pretrain": {}})
+    run_id = runs.child_run_ids["pretrain"]
+    versions = []
+    # The second: a rerun after a kill between registering and stage_done.json. The third: the
+    # same run trained on (its stage_done.json deleted): other weights, another version.
+    for step in (4, 4, 6):
+        if step == 6:
+            with torch.no_grad():
+                next(model.parameters()).add_(1.0)
+        ckpt = save_checkpoint(
+            tmp_path / f"checkpoint_{step:08d}", model=model, optimizer=None, scheduler=None,
+            step=step, config=to_dict(cfg), data_position={}, metrics={"loss": 0.5},
+        )  # fmt: skip
+        state = load_checkpoint(ckpt)
+        versions.append(
+            register_stage(
+                cfg,
+                state,
+                example_input,
+                run_name="files",
+                data_hash="ab" * 32,
+                uri=uri,
+                run_id=run_id,
+            )  # fmt: skip
+        )
+    assert versions == [1, 1, 2]
+    client = MlflowClient(uri)
+    assert int(client.get_model_version_by_alias("mast-files", "pretrain-latest").version) == 2
+    mv = client.get_model_version("mast-files", "1")
+    assert mv.source.startswith("models:/m-") and mv.run_id == run_id  # an MLflow 3 logged model
+    assert client.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == run_id
+    assert mv.tags["step"] == "4" and mv.tags["data_hash"] == "ab" * 32
+    # Version 2 came from the same run: its own files; version 1's stay as they were.
+    assert client.get_model_version("mast-files", "2").source != mv.source
+    for version, step in ((1, 4), (2, 6)):
+        files = Path(
+            mlflow.artifacts.download_artifacts(f"models:/mast-files/{version}", tracking_uri=uri)
+        )
+        # No MLmodel, no pickled model: files a reader without torch can inspect.
+        assert sorted(p.name for p in files.iterdir()) == [
+            "mast_example.pt",
+            "mast_model.json",
+            "mast_state.pt",
+        ]
+        info = json.loads((files / "mast_model.json").read_text())
+        expected_args = json.loads(json.dumps(model.model_args))
+        registered = torch.load(files / "mast_state.pt", weights_only=True)
+        assert info == {
+            "model_args": expected_args, "stage": "pretrain", "step": step,
+            "weights_sha256": weights_digest(registered),
+        }  # fmt: skip
+        assert sorted(registered) == ["config", "metrics", "model", "model_args", "step"]
+        assert registered["step"] == step
+    assert torch.equal(load_example("models:/mast-files/1", uri)["frames"], frames)
