@@ -55,7 +55,7 @@ def _command(root: Path, manifest: Path, workers: int) -> list[str]:
 
 
 def _run(command: list[str], tmpdir: Path, kill_at: str = "") -> subprocess.CompletedProcess:
-    drop = ("MAST_TEST_KILL_AT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI")
+    drop = ("MAST_TEST_KILL_AT", "RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env["TMPDIR"] = str(tmpdir)  # where a Ray-mode save puts its mast-ckpt-* directory
     if kill_at:
@@ -91,7 +91,8 @@ def _kill_and_rerun(tmp_path, tmpdir, manifest, point, step, workers):
         "frames",
         "gaps",
     ]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("mast-train").experiment_id], "tags.`mast.run_name` = 'kill'"
     )
