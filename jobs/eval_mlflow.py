@@ -33,6 +33,7 @@ import pandas as pd
 
 from davis.metrics import ObjectScore
 from jobs import mlflow_keys as keys
+from jobs.eval_reuse import EVAL_KEY_TAG
 from typedconfig import flatten
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def log_evaluation(
         "davis.set": summary["davis_set"],
         "davis.scope": summary["scope"],
         "davis.failed_sequences": str(len(summary["failed"])),
+        EVAL_KEY_TAG: summary["eval_key"],  # what a later identical evaluation looks for
     }
     if ref.name:
         tags |= {"model_name": ref.name, "model_version": ref.version}

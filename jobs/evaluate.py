@@ -33,19 +33,18 @@ import hashlib
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 import storage
 from davis.io import DavisError, check_sequence_name, read_split, write_results_csvs
 from davis.metrics import global_scores
 from jobs.eval_config import EvalConfig
-from jobs.eval_sequence import SequenceResult, run_sequence_task
+from jobs.eval_fanout import run_sequences
+from jobs.eval_reuse import SUMMARY_FILE, eval_key, find_reusable, model_digest
+from jobs.eval_sequence import SequenceResult
 from storage import atomic_path
-from typedconfig import ConfigError, config_help, load_config, to_dict
+from typedconfig import ConfigError, config_help, load_config
 
 log = logging.getLogger(__name__)
 
@@ -139,57 +138,6 @@ def davis_set_id(root: str | Path, names: list[str], cfg: EvalConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fan-out
-
-
-def run_local(
-    state, root, names, output, cfg, progress: Callable[[], None]
-) -> list[SequenceResult]:
-    results = []
-    for name in names:
-        results.append(run_sequence_task(state, str(root), name, str(output), to_dict(cfg)))
-        progress()
-    return results
-
-
-def run_ray(state, root, names, output, cfg, progress: Callable[[], None]) -> list[SequenceResult]:
-    """One task per sequence, at most ray.max_in_flight at once; results in `names` order."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
-    options: dict[str, Any] = {
-        "num_cpus": cfg.ray.num_cpus,
-        "num_gpus": cfg.ray.num_gpus,
-        "max_retries": cfg.ray.max_retries,
-    }
-    if cfg.ray.memory_gb > 0:
-        options["memory"] = int(cfg.ray.memory_gb * 2**30)
-    task = ray.remote(run_sequence_task).options(**options)
-    state_ref = ray.put(state)  # shipped once, shared by every task on a node
-    cfg_dict = to_dict(cfg)
-    queue, pending, done = list(names), {}, {}
-    while queue or pending:
-        while queue and len(pending) < cfg.ray.max_in_flight:
-            name = queue.pop(0)
-            pending[task.remote(state_ref, str(root), name, str(output), cfg_dict)] = name
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(ready[0])
-        try:
-            done[name] = ray.get(ready[0])
-        except ray.exceptions.RayError as e:  # worker died after all retries
-            done[name] = SequenceResult(name, "failed", error=f"Ray task failed: {e}"[:2000])
-        progress()
-    return [done[n] for n in names]
-
-
-def run_sequences(state, root, names, output, cfg: EvalConfig) -> list[SequenceResult]:
-    with tqdm(total=len(names), desc="DAVIS sequences", unit="seq") as bar:
-        runner = run_ray if cfg.ray.enabled else run_local
-        return runner(state, root, names, output, cfg, lambda: bar.update(1))
-
-
-# ---------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -219,8 +167,12 @@ def summarise(
     }
 
 
-def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: str = "") -> dict:
-    """Run the whole evaluation; returns the summary (also written to <output>/summary.json)."""
+def evaluate(
+    model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: str = "", force: bool = False
+) -> dict:
+    """Run the whole evaluation, or reuse a finished one of the same model, DAVIS set and
+    scoring options (`jobs.eval_reuse`) unless `force`; returns the summary (also written to
+    <output>/summary.json)."""
     output = Path(cfg.output).absolute()
     problem = storage.not_a_directory(str(output))
     if problem:
@@ -251,13 +203,24 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
 
             log_failed_run(tracking_uri, cfg.mlflow.experiment, model_uri, str(e))
         raise
+    davis_set = davis_set_id(davis_root, names, cfg)
+    key = eval_key(model_digest(state), davis_set, cfg)
+    if not force:
+        reused, where = find_reusable(store if cfg.mlflow.enabled else None,
+                                      cfg.mlflow.experiment, key, output)  # fmt: skip
+        if reused is not None:
+            log.info("reusing the evaluation in %s (same model, data and options; --force "
+                     "evaluates again)", where)  # fmt: skip
+            reused["reused"] = where
+            return finish(reused, cfg, client, ref, promote, output)
     log.info(
         "evaluating %s on %d sequences of %s (%s)", model_uri, len(names), davis_root, cfg.split
     )
     output.mkdir(parents=True, exist_ok=True)
-    (output / "summary.json").unlink(missing_ok=True)  # the marker goes last
+    (output / SUMMARY_FILE).unlink(missing_ok=True)  # the marker goes last
     results = run_sequences(state, Path(davis_root).absolute(), names, output, cfg)
-    summary = summarise(results, cfg, davis_root, split_size, davis_set_id(davis_root, names, cfg))
+    summary = summarise(results, cfg, davis_root, split_size, davis_set)
+    summary["eval_key"] = key
     objects = [o for r in results if r.ok for o in r.objects]
     scores = global_scores(objects) if objects else None
     artifacts = list(write_results_csvs(output, cfg.split, objects)) if objects else []
@@ -266,8 +229,7 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
             (output / csv).unlink(missing_ok=True)
     summary["scores"] = scores
     if cfg.mlflow.enabled:
-        from jobs.eval_mlflow import EvalSet, log_evaluation, tag_model_version
-        from jobs.eval_mlflow import promote as promote_alias
+        from jobs.eval_mlflow import log_evaluation
 
         overlays = [Path(r.overlay) for r in results if r.overlay]
         run_id = log_evaluation(
@@ -275,6 +237,19 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
             summary=summary, scores=scores, objects=objects, artifacts=artifacts, overlays=overlays,
         )  # fmt: skip
         summary["mlflow_run_id"] = run_id
+    return finish(summary, cfg, client, ref, promote, output)
+
+
+def finish(summary: dict, cfg: EvalConfig, client, ref, promote: str, output: Path) -> dict:
+    """Tag the model version, decide a promotion, report, write summary.json last (and log
+    it with the run, where a later identical evaluation finds it); for a new result and a
+    reused one alike."""
+    scores, run_id = summary["scores"], summary.get("mlflow_run_id")
+    summary.pop("promotion", None)  # a reused summary's decision was about another holder
+    if cfg.mlflow.enabled and run_id:
+        from jobs.eval_mlflow import EvalSet, tag_model_version
+        from jobs.eval_mlflow import promote as promote_alias
+
         ev = EvalSet(cfg.split, summary["davis_set"], summary["scope"], summary["davis_root"])
         if ref.name and scores is not None:
             tag_model_version(client, ref, ev, scores, run_id)
@@ -283,8 +258,10 @@ def evaluate(model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: s
             decision = promote_alias(client, ref, promote, ev, jf, run_id)
             summary["promotion"] = dataclasses.asdict(decision)
     report(summary)
-    with atomic_path(output / "summary.json") as tmp:
+    with atomic_path(output / SUMMARY_FILE) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
+    if cfg.mlflow.enabled and run_id and "reused" not in summary:
+        client.log_artifact(run_id, str(output / SUMMARY_FILE))
     return summary
 
 
@@ -332,6 +309,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--config", default=None, help="YAML of EvalConfig keys, e.g. configs/eval/default.yaml"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="evaluate even if this model was scored on this DAVIS set with these options",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     # Intermixed: `key=value` overrides may come before or after the options.
     return parser.parse_intermixed_args(argv)
@@ -350,7 +332,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.output:
         overrides.append(f"output={args.output}")
     cfg = load_config(EvalConfig, args.config, overrides)
-    return evaluate(args.model, args.davis_root, cfg, promote=args.promote)
+    return evaluate(args.model, args.davis_root, cfg, promote=args.promote, force=args.force)
 
 
 def cli(argv: list[str] | None = None) -> int:

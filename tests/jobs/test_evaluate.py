@@ -411,3 +411,56 @@ def test_promote_needs_a_registered_model_and_bad_uris_are_recorded(
     exp = client.get_experiment_by_name("mast-eval")
     failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     assert any("models:/mast-eval-test@nope" in r.data.tags["error"] for r in failed)
+
+
+def test_an_evaluation_done_before_is_reused_unless_forced(davis_root, checkpoint, tmp_path):
+    # Logging off: the output's summary.json is the record. A second identical evaluation
+    # writes no prediction (a deleted one stays deleted) and returns the same numbers.
+    out = tmp_path / "local"
+    first = evaluate(str(checkpoint), davis_root, local_cfg(out))
+    assert "reused" not in first and len(first["eval_key"]) == 24
+    shutil.rmtree(out / GOOD[0])
+    again = evaluate(str(checkpoint), davis_root, local_cfg(out, "ray.max_in_flight=7"))
+    assert again["reused"] == str(out / "summary.json") and again["scores"] == first["scores"]
+    assert not (out / GOOD[0]).exists()  # nothing was evaluated
+    # An option that changes a number is another evaluation; --force evaluates again.
+    other = evaluate(str(checkpoint), davis_root, local_cfg(out, "propagation.radius=3"))
+    assert "reused" not in other and other["eval_key"] != first["eval_key"]
+    forced = evaluate(str(checkpoint), davis_root, local_cfg(out), force=True)
+    assert "reused" not in forced and forced["scores"] == first["scores"]
+    assert (out / GOOD[0] / "00001.png").is_file()
+
+
+def test_a_logged_evaluation_is_reused_from_mlflow_without_a_new_run(
+    davis_root, registry, tmp_path
+):
+    client = MlflowClient(registry, registry_uri=registry)
+    args = [
+        "--model", "models:/mast-eval-test/2", "--davis-root", str(davis_root),
+        "--output", str(tmp_path / "a"), "ray.enabled=false", "propagation.radius=4",
+        f"mlflow.tracking_uri={registry}", "mlflow.experiment=reuse",
+    ]  # fmt: skip
+
+    def runs():
+        exp = client.get_experiment_by_name("reuse")
+        return client.search_runs([exp.experiment_id], "tags.`mast.role` = 'evaluation'")
+
+    first = main(parse_args(args))
+    assert len(runs()) == 1 and "reused" not in first
+    logged = {a.path for a in client.list_artifacts(first["mlflow_run_id"])}
+    assert "summary.json" in logged
+    # Another output folder: the result comes from the run, its CSVs copied there.
+    elsewhere = [a.replace(str(tmp_path / "a"), str(tmp_path / "b")) for a in args]
+    second = main(parse_args(elsewhere))
+    assert len(runs()) == 1 and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert second["scores"] == first["scores"] and "MLflow run" in second["reused"]
+    for csv in ("global_results-val.csv", "per-sequence_results-val.csv"):
+        assert (tmp_path / "b" / csv).read_text() == (tmp_path / "a" / csv).read_text()
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["reused"] == second["reused"]
+    # The same weights through a checkpoint path are the same model: reused too.
+    path = tmp_path / "v2.pt"
+    torch.save(tiny_state(1), path)  # version 2's weights (the registry fixture's seed 1)
+    as_file = [a.replace("models:/mast-eval-test/2", str(path)) for a in args]
+    assert main(parse_args(as_file))["mlflow_run_id"] == first["mlflow_run_id"]
+    third = main(parse_args([*args, "--force"]))
+    assert len(runs()) == 2 and third["mlflow_run_id"] != first["mlflow_run_id"]
