@@ -55,7 +55,12 @@ class IngestConfig:
     shard_mb: float = 0.0
     # Directory inputs keep only these extensions (lists and globs take every path).
     extensions: tuple[str, ...] = ("mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg")
-    # Ray: CPUs per shard task, decord threads per reader, bounded fan-out, retries.
+    # Frame rate of frame-folder inputs (folders of numbered images, pipeline/frame_folder.py),
+    # which carry none: recorded as the video's fps in the stats and every clip record, where a
+    # video file's own rate goes. YouTube-VOS 2018 train frames are 6 fps, DAVIS 24 fps.
+    frame_folder_fps: float = 24.0
+    # Ray: CPUs per shard task, decord threads per reader (and image-decoding threads per frame
+    # folder; 0 = one per core), bounded fan-out, retries.
     task_cpus: float = 1.0
     decoder_threads: int = 1
     max_in_flight: int = 0  # 0 = 2 x (cluster CPUs / task_cpus)
@@ -105,6 +110,7 @@ class IngestConfig:
         positive(self.max_in_flight, "max_in_flight", allow_zero=True)
         positive(self.max_retries, "max_retries", allow_zero=True)
         positive(self.task_timeout_s, "task_timeout_s", allow_zero=True)
+        positive(self.frame_folder_fps, "frame_folder_fps")
         if not self.extensions:
             raise ConfigError("extensions must list at least one video extension (e.g. [mp4])")
 

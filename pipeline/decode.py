@@ -19,6 +19,7 @@ Grayscale videos decode to RGB with R = G = B, i.e. a = b = 128 in stored Lab.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Generator, Iterator
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from pipeline.codec import decoder_scales, frame_to_stored, resize_frame, scaled_size
 from pipeline.config import IngestConfig
+from pipeline.frame_folder import FrameFolder, is_frame_folder
 
 
 class SkipVideo(Exception):
@@ -49,6 +51,13 @@ class Probe(NamedTuple):
     width: int  # and the coded width times the sample aspect ratio
     info: VideoInfo | None  # when PyAV has to decode the video (rotated)
     anamorphic: bool  # the sample aspect ratio is not 1
+
+
+def folder_probe(folder: FrameFolder, fps: float) -> Probe:
+    """What `probe_video` says of a video, for a frame folder: its images are its frames, at
+    the declared `fps` (IngestConfig.frame_folder_fps), decoded by `FrameFolder.frames`."""
+    info = VideoInfo(folder.num_frames, fps, folder.height, folder.width, 0, "images")
+    return Probe(0, folder.height, folder.width, info, False)
 
 
 def clip_starts(num_frames: int, cfg: IngestConfig) -> list[int]:
@@ -183,7 +192,8 @@ def video_clips(
     (AV1 in decord 0.6's wheels): PyAV decodes those, frames streamed the same way."""
     import decord
 
-    probe = probe_video(path)
+    folder = FrameFolder.open(path) if is_frame_folder(path) else None
+    probe = folder_probe(folder, cfg.frame_folder_fps) if folder else probe_video(path)
     info, reader = probe.info, None
     if info is None:
         try:
@@ -200,7 +210,10 @@ def video_clips(
         del reader
         raise SkipVideo(f"too short: {info.num_frames} frames < clip span {cfg.span}")
     wanted = sorted({s + o for s in starts for o in cfg.offsets})
-    if reader is None:
+    if folder is not None:  # images decoded by a thread pool: decoder_threads (0: a core each)
+        threads = cfg.decoder_threads or os.cpu_count() or 1
+        frames = folder.frames(wanted, cfg.size, cfg.resize, threads)
+    elif reader is None:
         frames = _pyav_frames(path, wanted, info, cfg)
     else:
         frames = read_frames(reader, wanted)  # holds the reader until it is closed

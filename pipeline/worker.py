@@ -15,6 +15,7 @@ Decoding a video into clips of stored Lab frames is `pipeline/decode.py`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -35,6 +36,7 @@ from pipeline.codec import (
 )
 from pipeline.config import IngestConfig
 from pipeline.decode import SkipVideo, video_clips
+from pipeline.frame_folder import FrameFolderError
 from pipeline.sharding import ShardSpec, shard_name, video_id
 from typedconfig import ConfigError, from_dict, to_dict
 
@@ -63,6 +65,7 @@ def accepted_hashes(cfg: IngestConfig) -> set[str]:
 CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
     "size", "resize", "storage", "lab", "dtype", "quality", "videos_per_shard", "shard_mb",
+    "frame_folder_fps",
 )  # fmt: skip
 # Content fields added after shard sets were written. At its default such a field leaves the
 # content as it was, so those shard sets must stay valid (reruns skip their done shards,
@@ -70,7 +73,7 @@ CONTENT_FIELDS = (
 # HASHED_SINCE_ADDED fields have been hashed at every value since they were added (shard_mb,
 # 943eb14), so shard sets written before then are recognised by `accepted_hashes`. A new
 # content field goes into LATER_FIELDS (tests/pipeline/test_reader_sharding.py pins hashes).
-LATER_FIELDS = ("dtype",)
+LATER_FIELDS = ("dtype", "frame_folder_fps")
 HASHED_SINCE_ADDED = ("shard_mb",)
 
 
@@ -105,9 +108,10 @@ def _video_members(url: str, cfg: IngestConfig, entry: dict[str, Any]) -> Member
         fs, fpath = storage.get_fs(url)
         if not fs.exists(fpath):
             raise FileNotFoundError(f"no such file: {url}")
-        if fs.size(fpath) == 0:
+        folder = fs.isdir(fpath)  # a frame folder: its images are read where they are
+        if not folder and fs.size(fpath) == 0:
             raise ValueError("empty file (0 bytes)")
-        with storage.local_copy(url) as local:
+        with contextlib.nullcontext(url) if folder else storage.local_copy(url) as local:
             info, clips = video_clips(local, cfg)
             entry.update(frames=info.num_frames, fps=info.fps, size=[info.height, info.width])
             if info.rotation:
@@ -158,6 +162,8 @@ def _fix(e: Exception) -> str:
         return "make the file readable by the Ray workers"
     if isinstance(e, MemoryError):
         return "give tasks more memory or lower size"
+    if isinstance(e, FrameFolderError):
+        return e.fix
     return "the file is not a readable video: download it again or re-encode it"
 
 
