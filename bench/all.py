@@ -11,7 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ["memory_read", "train_step", "ingest", "loader", "train", "evaluate"]
+BENCHMARKS = [
+    "memory_read",
+    "train_step",
+    "ingest",
+    "ingest_frames",
+    "loader",
+    "train",
+    "evaluate",
+]
 
 
 def main() -> dict:

@@ -14,6 +14,8 @@ Anamorphic videos (non-square pixels: a sample aspect ratio other than 1, as DV,
 some broadcast sources have) are scaled by FFmpeg to square pixels while decoding, so stored
 frames show the picture as a player does (decord alone would keep the coded aspect).
 Grayscale videos decode to RGB with R = G = B, i.e. a = b = 128 in stored Lab.
+A frame folder (numbered images, pipeline/frame_folder.py) needs no probe and no decord: its
+images are decoded by a thread pool and cut into clips by the same `_clips`.
 """
 
 from __future__ import annotations

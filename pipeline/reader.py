@@ -99,8 +99,9 @@ def _walk(src: str, exts: set[str]) -> tuple[list[str], int, int]:
     fs, path = storage.get_fs(src)
     found: list[str] = []
     ignored = masks = 0
+    seen: set[tuple[int, int]] = set()
     if storage.is_local(src):
-        walk = os.walk(path)
+        walk = os.walk(path, followlinks=True)  # datasets are often linked in
     else:  # object stores have no directories to walk: group the listing by folder
         folders: dict[str, list[str]] = {}
         for p in fs.find(path):
@@ -108,8 +109,14 @@ def _walk(src: str, exts: set[str]) -> tuple[list[str], int, int]:
             folders.setdefault(folder, []).append(name)
         walk = ((d, [], names) for d, names in folders.items())
     for folder, subfolders, names in walk:
+        if storage.is_local(src):  # a link back up the tree would loop: each folder once
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                subfolders[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
         masks += sum(d in MASK_FOLDERS for d in subfolders)
-        subfolders[:] = [d for d in subfolders if d not in MASK_FOLDERS]
+        subfolders[:] = sorted(d for d in subfolders if d not in MASK_FOLDERS)  # deterministic
         if not storage.is_local(src) and any(p in MASK_FOLDERS for p in folder.split("/")):
             continue
         url = storage.to_url(fs, folder)

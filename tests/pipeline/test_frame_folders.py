@@ -121,6 +121,12 @@ def test_listing_layouts_globs_and_lists(corpus, tmp_path):
     assert list_videos(str(davis), EXTS) == [str(davis / "JPEGImages" / "480p" / "bear")]
     # a frame folder given as SRC is one video
     assert list_videos(str(ytvos / "a_jpeg"), EXTS) == [str(ytvos / "a_jpeg")]
+    # linked folders are searched, by their link's path; a link back up is searched once
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "v").symlink_to(ytvos / "a_jpeg")
+    (linked / "loop").symlink_to(".")
+    assert list_videos(str(linked), EXTS) == [str(linked / "v")]
 
 
 def test_numbering():
