@@ -14,6 +14,9 @@ A checkpoint is a directory (what Ray Train persists) holding
   {"sha256", "size"}}}. Every file is written atomically before it, so a kill -9 at any point
   of a save leaves a directory that is complete, or one without its marker.
 
+The directory may be an object-store URL (`storage.as_location`): its files are uploaded one
+PUT each, the marker last, and read back as bytes; nothing else differs.
+
 Reading verifies every file against the marker. A directory without its marker, a file whose
 size or sha256 differs, or one that does not load is corrupt: recorded (a warning, and once a
 line in `corrupt_checkpoints.jsonl` beside it) and skipped, and the next candidate is tried
@@ -50,6 +53,7 @@ from jobs.tensor_files import (
     write_file,
 )
 from model import MASTConfig
+from storage import Location, append_text, as_location
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    directory: str | Path,
+    directory: str | Location,
     *,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -127,10 +131,10 @@ def save_checkpoint(
     metrics: dict[str, float] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     kill: Callable[[str], None] | None = None,
-) -> Path:
+) -> Location:
     """Write a complete checkpoint into `directory`: `checkpoint.pt` and `extra_files` ({name:
     content}) atomically, then the marker with their hashes; return the directory."""
-    directory = Path(directory)
+    directory = as_location(directory)
     kill = kill or kill_hook(step)
     directory.mkdir(parents=True, exist_ok=True)
     # A marker left by an earlier save into this directory must not vouch for the new files.
@@ -162,7 +166,7 @@ def save_checkpoint(
     return directory
 
 
-def read_marker(directory: Path) -> dict[str, Any]:
+def read_marker(directory: Location) -> dict[str, Any]:
     file = directory / MARKER_FILE
     try:
         marker = json.loads(read_bytes(file))
@@ -179,7 +183,7 @@ def read_marker(directory: Path) -> dict[str, Any]:
     return marker
 
 
-def read_checkpoint_file(directory: Path, name: str, marker: dict[str, Any]) -> bytes:
+def read_checkpoint_file(directory: Location, name: str, marker: dict[str, Any]) -> bytes:
     """The bytes of `name` in a checkpoint directory, checked against the marker's record."""
     listed = marker.get("files")
     if listed is not None and name not in listed:
@@ -199,20 +203,20 @@ def read_checkpoint_file(directory: Path, name: str, marker: dict[str, Any]) -> 
     return data
 
 
-def load_checkpoint_file(checkpoint: str | Path, name: str) -> Any:
+def load_checkpoint_file(checkpoint: str | Location, name: str) -> Any:
     """One torch file of a complete checkpoint directory, verified, loaded tensors-only."""
-    directory = Path(checkpoint)
+    directory = as_location(checkpoint)
     data = read_checkpoint_file(directory, name, read_marker(directory))
     return load_tensors(data, directory / name, directory)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Location) -> dict[str, Any]:
     """Read a checkpoint directory (or a bare .pt file); CheckpointError if incomplete/corrupt.
 
     Every file the marker lists is verified and every torch file among them loads tensors-only
     (a stage's final example too): a checkpoint is readable only as a whole.
     """
-    path = Path(path)
+    path = as_location(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
@@ -259,7 +263,7 @@ def check_compatible(state: dict[str, Any], model_args: dict[str, Any], source: 
         )
 
 
-def record_corrupt(path: Path, error: Exception) -> None:
+def record_corrupt(path: Location, error: Exception) -> None:
     """Warn; add a line to CORRUPT_LOG unless this checkpoint is already there (the driver's
     preflight and the worker's restore both meet it, and so does every rerun)."""
     log.warning("skipping corrupt checkpoint %s: %s", path, error)
@@ -273,8 +277,7 @@ def record_corrupt(path: Path, error: Exception) -> None:
                         return
                 except (json.JSONDecodeError, AttributeError):
                     continue  # a torn line from a killed writer
-        with open(log_file, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_text(log_file, json.dumps(entry) + "\n")
     except OSError as e:  # the record is best effort; the warning above is already out
         log.warning("could not record corrupt checkpoint in %s: %s", log_file, e)
 
@@ -283,12 +286,12 @@ class ReadableCheckpoint(NamedTuple):
     """A checkpoint that loaded: its state, its directory, and the corrupt ones skipped first."""
 
     state: dict[str, Any]
-    path: Path
+    path: Location
     skipped: list[str]
 
 
 def load_first_readable(
-    candidates: list[Path], check: Callable[[dict[str, Any], Path], None] | None = None
+    candidates: list[Location], check: Callable[[dict[str, Any], Location], None] | None = None
 ) -> ReadableCheckpoint:
     """The first of `candidates` that loads (and passes `check`, which raises CheckpointError
     for one that loads but is incomplete), each corrupt one before it recorded and skipped.
@@ -312,7 +315,7 @@ def load_first_readable(
             skipped.append(str(path))
     where = candidates[0].parent if candidates else Path(".")
     raise NoReadableCheckpoint(
-        f"no readable checkpoint in {where}: {[Path(p).name for p in skipped]} are all "
+        f"no readable checkpoint in {where}: {[as_location(p).name for p in skipped]} are all "
         f"corrupt (recorded in {where / CORRUPT_LOG})",
         skipped,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +15,7 @@ from jobs.train_data import DataInfo
 from jobs.train_loop import train_loop_per_worker
 from jobs.worker import LoopConfig
 from pipeline.distributor import placeable, ray_may_grow
+from storage import Location
 from typedconfig import ConfigError, to_dict
 
 log = logging.getLogger("jobs.train")
@@ -77,7 +77,7 @@ def check_fits(cfg: TrainConfig, nodes: list[dict[str, Any]], may_grow: bool) ->
 
 def run_stage(
     cfg: TrainConfig, run_name: str, data: DataInfo, tracking_uri: str, run_id: str
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Location, dict[str, Any]]:
     """One Ray Train fit; returns (final checkpoint dir, final metrics)."""
     import ray
     import ray.train
@@ -111,6 +111,8 @@ def run_stage(
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),
+        # An object-store storage_path is Ray's to write too: pyarrow.fs resolves s3:// / gs://
+        # itself, with the standard credentials and endpoint variables (AWS_ENDPOINT_URL, ...).
         run_config=RunConfig(
             name=where.path.name,
             storage_path=str(where.path.parent),
@@ -134,7 +136,9 @@ def run_stage(
             f"{where.path} (lower optim.lr or set optim.grad_clip, then rerun the same command)"
         )
     # Local mode: Ray persists nothing; the newest checkpoint written in place is the final one.
-    reported = None if local_mode or result.checkpoint is None else result.checkpoint.path
+    reported = None
+    if not local_mode and result.checkpoint is not None:
+        reported = where.ray_checkpoint(result.checkpoint.path)
     final = where.final_checkpoint(reported)
     if final is None:
         raise TrainingError(f"stage {cfg.stage} ended without a checkpoint in {where.path}")

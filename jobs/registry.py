@@ -33,6 +33,7 @@ from jobs.rank_zero import comparison_image
 from jobs.tensor_files import CheckpointError, load_tensors, read_bytes, tensor_bytes, write_file
 from jobs.tracking import git_commit, mlflow_client, resolve_tracking_uri
 from jobs.train_config import TrainConfig
+from storage import as_location
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,17 @@ def registered_version(
 
 
 def is_mlflow_uri(uri: str) -> bool:
-    """models:/..., runs:/... or a remote artifact URL (not a local checkpoint path)."""
-    return uri.startswith(("models:/", "runs:/")) or (
-        "://" in uri and not uri.startswith("file://")
-    )
+    """models:/..., runs:/... or a remote artifact URL; not a checkpoint (a local path, or a
+    checkpoint directory or .pt file at an object-store URL: an object-store storage_path)."""
+    if uri.startswith(("models:/", "runs:/")):
+        return True
+    if "://" not in uri or uri.startswith("file://"):
+        return False
+    from jobs.checkpoint import MARKER_FILE
+
+    place = as_location(uri)
+    is_checkpoint = place.name.startswith("checkpoint_") or place.name.endswith(".pt")
+    return not (is_checkpoint or (place / MARKER_FILE).exists())
 
 
 def _download(uri: str, tracking_uri: str | None) -> Path:

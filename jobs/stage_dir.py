@@ -14,14 +14,20 @@
 Both the driver and the workers choose checkpoints here: the worker the one to resume from
 (`resume_checkpoint`), the driver the one to register (`final_checkpoint`). The layout and
 the JSON are those of every earlier version, so that a run started before resumes after.
+
+`storage_path` may be an object-store URL (`s3://bucket/runs`, any fsspec URL): the stage
+directory is then a `storage.ObjectPath`, a key prefix with the same names under it. Every
+file is one atomic PUT (the marker of a checkpoint last), listing a prefix finds the
+checkpoints, and nothing needs a filesystem shared by the nodes. Ray Train persists its
+checkpoints there itself (through pyarrow.fs); `ray_checkpoint` maps the path Ray reports (on
+its filesystem, without the URL scheme) back to the checkpoint here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -35,7 +41,7 @@ from jobs.checkpoint import (
 )
 from jobs.tensor_files import CheckpointError, tensor_bytes
 from jobs.train_config import TrainConfig
-from storage import atomic_write_bytes
+from storage import Location, as_location, atomic_write_bytes, remove_tree
 from typedconfig import ConfigError
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -51,20 +57,20 @@ def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
 
-def checkpoint_step(path: str | Path) -> int:
+def checkpoint_step(path: str | Location) -> int:
     """The step in a `checkpoint_<step>` directory's name; -1 for any other name."""
-    name = Path(path).name
+    name = as_location(path).name
     suffix = name.removeprefix(CHECKPOINT_PREFIX)
     digits = name.startswith(CHECKPOINT_PREFIX) and suffix.isascii() and suffix.isdigit()
     return int(suffix) if digits else -1
 
 
-def example_input_file(checkpoint: str | Path) -> Path:
-    return Path(checkpoint) / EXAMPLE_INPUT_FILE
+def example_input_file(checkpoint: str | Location) -> Location:
+    return as_location(checkpoint) / EXAMPLE_INPUT_FILE
 
 
-def rank_digests_file(checkpoint: str | Path) -> Path:
-    return Path(checkpoint) / RANK_DIGESTS_FILE
+def rank_digests_file(checkpoint: str | Location) -> Location:
+    return as_location(checkpoint) / RANK_DIGESTS_FILE
 
 
 def final_files(
@@ -78,12 +84,12 @@ def final_files(
     }
 
 
-def read_example_input(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+def read_example_input(checkpoint: str | Location) -> dict[str, torch.Tensor]:
     """The final checkpoint's example input, verified against its marker, tensors only."""
     return load_checkpoint_file(checkpoint, EXAMPLE_INPUT_FILE)
 
 
-def check_final_files(state: dict[str, Any], path: Path) -> None:
+def check_final_files(state: dict[str, Any], path: Location) -> None:
     """A checkpoint of a stage's last step without its final files is incomplete.
 
     Written by code that added them after the marker, killed in between: every rerun would
@@ -115,7 +121,7 @@ class StageData:
         }
 
     @classmethod
-    def from_json(cls, record: dict[str, Any], source: Path) -> StageData:
+    def from_json(cls, record: dict[str, Any], source: Location) -> StageData:
         try:
             return cls(record["data"], record["data_hash"], tuple(record.get("skipped_shards", ())))
         except (KeyError, TypeError) as e:
@@ -144,7 +150,7 @@ class StageDone:
         }
 
     @classmethod
-    def from_json(cls, record: dict[str, Any], source: Path) -> StageDone:
+    def from_json(cls, record: dict[str, Any], source: Location) -> StageDone:
         try:
             return cls(
                 str(record["checkpoint"]),
@@ -163,57 +169,68 @@ class StageDone:
 class StageDir:
     """One stage's directory of one run (module docstring)."""
 
-    path: Path
+    path: Location  # a local Path, or an ObjectPath under an object-store storage_path
 
     @classmethod
     def of(cls, cfg: TrainConfig, run_name: str) -> StageDir:
-        return cls(Path(cfg.storage_path) / f"{run_name}-{cfg.stage}")
+        return cls(as_location(cfg.storage_path) / f"{run_name}-{cfg.stage}")
 
     @property
-    def data_file(self) -> Path:
+    def is_local(self) -> bool:
+        return isinstance(self.path, Path)
+
+    @property
+    def data_file(self) -> Location:
         return self.path / DATA_FILE
 
     @property
-    def done_file(self) -> Path:
+    def done_file(self) -> Location:
         return self.path / DONE_FILE
 
     @property
-    def corrupt_log(self) -> Path:
+    def corrupt_log(self) -> Location:
         return self.path / CORRUPT_LOG
 
     @property
-    def fault_marker(self) -> Path:
+    def fault_marker(self) -> Location:
         return self.path / FAULT_MARKER
 
     # Checkpoint directories.
 
-    def checkpoints(self) -> list[Path]:
+    def checkpoints(self) -> list[Location]:
         """Every `checkpoint_<step>` directory, oldest first (a file or another name is not one)."""
         if not self.path.is_dir():
             return []
         found = [p for p in self.path.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
         return sorted((p for p in found if checkpoint_step(p) >= 0), key=checkpoint_step)
 
-    def newest_checkpoint(self) -> Path | None:
+    def newest_checkpoint(self) -> Location | None:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def checkpoint_path(self, step: int) -> Path:
+    def checkpoint_path(self, step: int) -> Location:
         return self.path / checkpoint_name(step)
+
+    def ray_checkpoint(self, ray_path: str) -> Location:
+        """This stage's checkpoint at `ray_path`, a path Ray Train reports: on its storage
+        filesystem, so for an object store without the URL scheme (`bucket/runs/...`)."""
+        if self.is_local:
+            return Path(ray_path)
+        return self.path / PurePosixPath(ray_path).name
 
     def prune(self, keep: int) -> None:
         """Delete all but the newest `keep` checkpoints (Ray does this itself when it persists)."""
         for old in self.checkpoints()[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
 
-    def load_readable(self, start: str | Path) -> ReadableCheckpoint:
+    def load_readable(self, start: str | Location) -> ReadableCheckpoint:
         """`start`, or if it is corrupt the newest older checkpoint here that reads (each corrupt
         one recorded); NoReadableCheckpoint if none does."""
-        start = Path(start)
+        start = as_location(start)
         older = [p for p in self.checkpoints() if checkpoint_step(p) < checkpoint_step(start)]
         return load_first_readable([start, *reversed(older)], check_final_files)
 
-    def resume_checkpoint(self, restored: str | Path | None) -> ReadableCheckpoint | None:
+    def resume_checkpoint(self, restored: str | Location | None) -> ReadableCheckpoint | None:
         """The checkpoint a (re)started stage continues from: the newer of `restored` (Ray's
         record of the run) and the newest here, falling back through older readable ones.
 
@@ -221,13 +238,13 @@ class StageDir:
         snapshot recorded it (or with the snapshot lost). None: nothing to resume from;
         NoReadableCheckpoint: every candidate is corrupt (recorded).
         """
-        candidates = [Path(p) for p in (restored, self.newest_checkpoint()) if p]
+        candidates = [as_location(p) for p in (restored, self.newest_checkpoint()) if p]
         if not candidates:
             return None
         start = max(candidates, key=checkpoint_step)  # a tie keeps Ray's
         return self.load_readable(start)
 
-    def final_checkpoint(self, reported: str | Path | None) -> Path | None:
+    def final_checkpoint(self, reported: str | Location | None) -> Location | None:
         """The checkpoint to register when a fit ends: `reported` (Ray's result; None in local
         mode, where the newest here is the final one), unless a newer one is here that reads.
 
@@ -239,7 +256,7 @@ class StageDir:
         newest = self.newest_checkpoint()
         if reported is None:
             return newest
-        reported = Path(reported)
+        reported = as_location(reported)
         if newest is None or checkpoint_step(newest) <= checkpoint_step(reported):
             return reported
         try:
@@ -273,7 +290,7 @@ class StageDir:
         return None if record is None else StageDone.from_json(record, self.done_file)
 
 
-def read_record(path: Path) -> Any:
+def read_record(path: Location) -> Any:
     """The JSON in `path`, None if there is no such file."""
     if not path.exists():
         return None
@@ -283,6 +300,6 @@ def read_record(path: Path) -> Any:
         raise ConfigError(f"{path} is not valid JSON ({e}); fix or delete it") from e
 
 
-def load_latest_valid(latest: str | Path) -> ReadableCheckpoint:
+def load_latest_valid(latest: str | Location) -> ReadableCheckpoint:
     """`latest`, or the newest readable checkpoint below it in its stage directory."""
-    return StageDir(Path(latest).parent).load_readable(latest)
+    return StageDir(as_location(latest).parent).load_readable(latest)

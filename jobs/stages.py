@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 from jobs import mlflow_keys as keys
@@ -24,6 +23,7 @@ from jobs.tensor_files import kill_hook
 from jobs.tracking import StageRuns, finish_run, log_dataset, set_tag
 from jobs.train_config import TrainConfig
 from jobs.train_data import DataInfo, data_tags
+from storage import Location, as_location
 from typedconfig import ConfigError
 
 log = logging.getLogger("jobs.train")
@@ -103,7 +103,7 @@ def preflight_checkpoints(cfg: TrainConfig, where: StageDir, tracking_uri: str) 
 def readable_final(previous: str, stage: str, run_name: str) -> tuple[str, list[str]]:
     """The previous stage's final checkpoint, or the newest readable one beside it if that is
     corrupt (recorded); returns (path, [corrupt paths skipped])."""
-    where = StageDir(Path(previous).parent)
+    where = StageDir(as_location(previous).parent)
     try:
         final = where.load_readable(previous)
     except NoReadableCheckpoint as e:
@@ -175,7 +175,9 @@ def train_stages(
     return outputs
 
 
-def register(cfg: TrainConfig, final: Path, run_name: str, data: DataInfo, uri: str, run_id: str):
+def register(
+    cfg: TrainConfig, final: Location, run_name: str, data: DataInfo, uri: str, run_id: str
+):
     state, _, _ = load_latest_valid(final)
     example_input = read_example_input(final)
     return register_stage(

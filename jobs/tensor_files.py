@@ -22,12 +22,11 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from storage import atomic_write
+from storage import Location, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,13 @@ def file_record(data: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
-def write_file(path: Path, data: bytes, kill: Callable[[str], None] = lambda here: None) -> None:
-    """Publish `data` at `path` atomically (`kill`: the write points `<name>.tmp`, `<name>`)."""
+def write_file(
+    path: Location, data: bytes, kill: Callable[[str], None] = lambda here: None
+) -> None:
+    """Publish `data` at `path` atomically (`kill`: the write points `<name>.tmp`, `<name>`).
+
+    On an object store the temporary file is local and the upload one PUT (`storage.atomic`).
+    """
 
     def write(f) -> None:
         f.write(data)
@@ -91,7 +95,7 @@ def write_file(path: Path, data: bytes, kill: Callable[[str], None] = lambda her
     kill(path.name)
 
 
-def read_bytes(file: Path) -> bytes:
+def read_bytes(file: Location) -> bytes:
     """The bytes of `file`. An I/O error is retried, then raised as CheckpointReadError; a
     missing file raises FileNotFoundError (what that means is the caller's to say)."""
     attempt = 1
@@ -112,7 +116,7 @@ def read_bytes(file: Path) -> bytes:
             attempt += 1
 
 
-def unsafe_message(file: Path, calls: list[str], convert: Path) -> str:
+def unsafe_message(file: Location, calls: list[str], convert: Location) -> str:
     return (
         f"{file} may hold code: unpickling it would call "
         f"{', '.join(sorted(calls)) or 'objects torch.load(weights_only=True) refuses'}. It "
@@ -122,7 +126,7 @@ def unsafe_message(file: Path, calls: list[str], convert: Path) -> str:
     )
 
 
-def load_tensors(data: bytes, file: Path, convert: Path | None = None) -> Any:
+def load_tensors(data: bytes, file: Location, convert: Location | None = None) -> Any:
     """`torch.load(weights_only=True)` of `data`, the bytes of `file` (on the CPU).
 
     CheckpointError if it is not a file torch.save wrote; UnsafeFileError (nothing unpickled)

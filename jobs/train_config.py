@@ -126,7 +126,7 @@ class MlflowSection:
 class TrainConfig:
     data: str = ""  # manifest.json path/URL or shard URL(s); required
     run_name: str = ""  # Ray run + MLflow parent run name; the same name resumes
-    storage_path: str = "runs/ray"  # Ray Train storage (made absolute)
+    storage_path: str = "runs/ray"  # run directories: a path (made absolute) or s3://, gs://...
     seed: int = 0
     # Testing knob: raise inside rank 0 at this step, once (a marker file in the run directory
     # makes the retried attempt pass). -1 = off.
@@ -217,12 +217,11 @@ def _finish(values: dict[str, Any], overrides: list[str]) -> TrainConfig:
             raise ConfigError("set the stage with --stages, not loader.stage=...")
         set_path(values, keys, value)
     cfg = from_dict(TrainConfig, values)
-    if "://" in cfg.storage_path:
-        raise ConfigError(
-            f"storage_path={cfg.storage_path!r}: checkpoints need a local or shared-filesystem "
-            "path (e.g. an NFS mount on every node); object-store URLs are not supported yet"
-        )
-    path = os.path.abspath(os.path.expanduser(cfg.storage_path))
+    # An object-store URL is taken as it is, unchecked here (no network while reading a
+    # config; an object and a prefix of the same name may coexist there): jobs.stage_dir.
+    if not storage.is_local(cfg.storage_path):
+        return cfg
+    path = os.path.abspath(os.path.expanduser(storage.strip_file(cfg.storage_path)))
     problem = storage.not_a_directory(path)
     if problem:
         raise ConfigError(f"storage_path={path} {problem}; give a directory path")

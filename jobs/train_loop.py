@@ -199,11 +199,15 @@ def report_checkpoint(worker: Worker, step: int, metrics: dict, example_input) -
         return
     kill = kill_hook(step)  # the kill -9 tests' write points; nothing otherwise
     extra = None if example_input is None else final_files(example_input, worker.rank_digests)
-    # In local mode (num_workers=0) Ray does not persist checkpoints: write them in place.
+    # In local mode (num_workers=0) Ray does not persist checkpoints: write them in place (on
+    # an object store: each file a local temp file and one PUT, the marker last).
     if worker.local_mode:
         directory = worker.stage_dir.checkpoint_path(step)
     else:
         directory = Path(tempfile.mkdtemp(prefix="mast-ckpt-"))
+    # Local mode keeps no more of a checkpoint than its path; an object-store one is not a
+    # local directory to hand Ray.
+    local_dir = isinstance(directory, Path)
     try:
         save_checkpoint(
             directory,
@@ -219,9 +223,8 @@ def report_checkpoint(worker: Worker, step: int, metrics: dict, example_input) -
         )
         # Ray mode: report copies the directory to storage before it returns (sync upload);
         # the temporary directory goes whatever happens (a kill -9 aside).
-        ray.train.report(
-            metrics, checkpoint=Checkpoint.from_directory(str(directory)), checkpoint_dir_name=name
-        )
+        checkpoint = Checkpoint.from_directory(str(directory)) if local_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         kill("reported")
     finally:
         if not worker.local_mode:
@@ -237,8 +240,9 @@ def restore(worker: Worker) -> int:
 
     cfg, model, tracker, rank = worker.cfg, worker.model, worker.tracker, worker.rank
     restored = ray.train.get_checkpoint()  # Ray's record: after a worker failure, or a rerun
+    where = worker.stage_dir
     try:
-        resume = worker.stage_dir.resume_checkpoint(restored.path if restored else None)
+        resume = where.resume_checkpoint(where.ray_checkpoint(restored.path) if restored else None)
     except NoReadableCheckpoint as e:  # e.g. killed while writing the first one
         log.warning("rank %d: %s; the stage starts afresh", rank, e)
         tracker.set_tag(keys.CORRUPT_CHECKPOINTS_SKIPPED, ",".join(e.skipped))

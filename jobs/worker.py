@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from jobs.rank_zero import RankZeroTracker
 from jobs.stage_dir import StageDir
 from jobs.train_config import TrainConfig
+from storage import as_location
 from typedconfig import ConfigError, from_dict, to_dict
 
 
@@ -28,14 +28,14 @@ class LoopConfig:
 
     train: TrainConfig
     source: Any  # what the loader reads (`jobs.train_data`), handed to it unchanged
-    run_dir: str  # the stage directory, absolute (Ray workers change directory)
+    run_dir: str  # the stage directory, absolute (Ray workers change directory) or a URL
     tracking_uri: str = ""
     mlflow_run_id: str = ""  # "": nothing is logged (the benchmarks)
     local_mode: bool = False  # num_workers=0: in the driver; Ray persists no checkpoint
 
     @property
     def stage_dir(self) -> StageDir:
-        return StageDir(Path(self.run_dir))
+        return StageDir(as_location(self.run_dir))
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: `source` is the loader's value, passed on as it is.

@@ -1,5 +1,6 @@
 """Ground floor: files. Local paths and fsspec URLs behind one API (`storage.fs`), atomic
-writes (`storage.atomic`), an exclusive lock on an output (`storage.lock`) and the packaged
+writes (`storage.atomic`), run-directory places local or on an object store (`storage.location`),
+an exclusive lock on an output (`storage.lock`) and the packaged
 sample videos (`storage.samples`). Imports no other package of this project.
 
     from storage import atomic_write_bytes, join, read_text
@@ -29,6 +30,7 @@ from storage.fs import (
     strip_file,
     to_url,
 )
+from storage.location import Location, ObjectPath, append_text, as_location, remove_tree
 from storage.lock import (
     LockError,
     LockHeld,
@@ -44,9 +46,13 @@ __all__ = [
     "LockError",
     "LockHeld",
     "LockLost",
+    "Location",
+    "ObjectPath",
     "OutputLock",
     "SAMPLE_VIDEOS",
     "TMP_MARK",
+    "append_text",
+    "as_location",
     "atomic_path",
     "atomic_write",
     "atomic_write_bytes",
@@ -66,6 +72,7 @@ __all__ = [
     "read_lock",
     "read_text",
     "remove",
+    "remove_tree",
     "sample_video_dir",
     "strip_file",
     "tmp_tag",

@@ -16,11 +16,13 @@ from mlflow.tracking import MlflowClient
 from jobs.checkpoint import CheckpointError
 from jobs.ray_fit import TrainingError, check_fits
 from jobs.registry import load_example, load_model, run_example
+from jobs.stage_dir import StageDir
 from jobs.tracking import TrackingError
 from jobs.train import main, parse_args
 from jobs.train_config import load_stage_configs
 from jobs.train_data import describe_data
 from jobs.worker import build_optimizer
+from storage import ObjectPath
 from typedconfig import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,8 +61,10 @@ def test_config_typo_and_mismatch_are_named():
         load_stage_configs(DEMO, ["pretrian"], [])
     with pytest.raises(ConfigError, match="run_name='a b' may only hold letters"):
         load_stage_configs(DEMO, ["main"], ["run_name=a b"])
-    with pytest.raises(ConfigError, match="object-store URLs are not supported yet"):
-        load_stage_configs(DEMO, ["main"], ["storage_path=s3://bucket/ray"])
+    # Run directories may live on an object store (tests/jobs/test_object_store.py).
+    (main,) = load_stage_configs(DEMO, ["main"], ["storage_path=s3://bucket/ray/"])
+    assert main.storage_path == "s3://bucket/ray/"
+    assert StageDir.of(main, "r").path == ObjectPath("s3://bucket/ray/r-main")
     with pytest.raises(ConfigError, match="set the stage with --stages"):
         load_stage_configs(DEMO, ["main"], ["loader.stage=pretrain"])
     with pytest.raises(ConfigError, match=r"storage_path=.*demo.yaml, a file; give a directory"):
