@@ -146,6 +146,10 @@ def test_cluster_launcher_config_is_valid_for_ray():
     assert types["gpu_train"]["node_config"]["InstanceType"] == "p5.48xlarge"  # 8x H100
     for name in ("cpu_ingest", "gpu_train"):
         assert 0 <= types[name]["min_workers"] <= types[name]["max_workers"] <= cfg["max_workers"]
+    # Checkpoints go to the object store: no host mounts a shared filesystem for them.
+    assert cfg["initialization_commands"] == []
+    assert not any(o.startswith("-v ") for o in cfg["docker"]["run_options"])
+    assert "storage_path=s3://" in (INFRA / "ray" / "cluster.yaml").read_text()
 
 
 def test_cluster_launcher_start_commands_parse_as_ray_start():
@@ -183,7 +187,7 @@ def test_raycluster_groups_resources_and_gpus():
     assert "nvidia.com/gpu" not in cpu["limits"]
     for g in groups.values():
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
-    # Training data and checkpoints are shared: every pod mounts the same ReadWriteMany claim.
+    # DAVIS and evaluation output are shared: every pod mounts the same ReadWriteMany claim.
     for g in [spec["headGroupSpec"], *groups.values()]:
         mounts = {m["mountPath"] for m in containers(g["template"])[0]["volumeMounts"]}
         assert "/mnt/runs" in mounts
@@ -222,7 +226,7 @@ def test_rayjob_entrypoint_is_a_real_job_with_valid_arguments(job):
         cfgs = load_stage_configs(args.config, args.stages.split(","), args.overrides)
         assert [c.scaling.num_workers for c in cfgs] == [16, 16, 16]
         assert {c.scaling.use_gpu for c in cfgs} == {"auto"}
-        assert {c.storage_path for c in cfgs} == {"/mnt/runs/ray"}
+        assert {c.storage_path for c in cfgs} == {"s3://mast-runs/ray"}
     elif job == "ingest":
         from pipeline.config import IngestConfig
         from typedconfig import load_config
@@ -242,6 +246,10 @@ def test_train_job_runs_on_gpu_workers_only():
     gpus = int(containers(group["template"])[0]["resources"]["limits"]["nvidia.com/gpu"])
     # scaling.num_workers=16 on 2 pods x 8 GPUs: one GPU per Ray Train worker, nothing idle.
     assert "scaling.num_workers=16" in spec["entrypoint"] and group["replicas"] * gpus == 16
+    # Checkpoints on the object store: no pod of the training job mounts a shared volume.
+    for g in [spec["rayClusterSpec"]["headGroupSpec"], group]:
+        volumes = g["template"]["spec"].get("volumes", [])
+        assert not [v for v in volumes if "persistentVolumeClaim" in v], volumes
 
 
 @pytest.mark.parametrize("job", sorted(RAYJOBS))
