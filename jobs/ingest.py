@@ -47,6 +47,10 @@ from typedconfig import ConfigError, config_help, load_config
 
 log = logging.getLogger("jobs.ingest")
 
+# Without --config: runs of consecutive frames, one shard set for every stage.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "ingest",
+                              "default.yaml")  # fmt: skip
+
 LOCK = ".ingest.lock"  # storage.OutputLock's file in DST
 
 
@@ -59,7 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--input", required=True, help="SRC: directory, glob, list file or URL")
     parser.add_argument("--output", required=True, help="DST: directory or URL for the shards")
-    parser.add_argument("--config", default=None, help="YAML file (configs/ingest/*.yaml)")
+    parser.add_argument(
+        "--config", default=None,
+        help="YAML file (configs/ingest/*.yaml); default: configs/ingest/default.yaml, runs "
+        "of frames that serve every stage",
+    )  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="delete DST's shards first")
     parser.add_argument(
         "--verify", action="store_true",
@@ -210,7 +218,7 @@ def check_task_cpus(cfg: IngestConfig, may_grow: bool) -> None:
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(IngestConfig, args.config, args.overrides)
+        cfg = load_config(IngestConfig, args.config or DEFAULT_CONFIG, args.overrides)
         check_output(args.output)
         videos = list_videos(args.input, cfg.extensions)  # bad input fails before Ray starts
     except (ConfigError, InputError) as e:

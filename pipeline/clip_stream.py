@@ -17,12 +17,14 @@ DataLoader workers; counts are of reads, so a resampled stream counts a bad shar
 each time it draws it) and warned about once per kind and process, with the shard and key:
 - `corrupt_shards`: an unreadable tar (pipeline/shard_reader.py: also a clip without its json,
   duplicate members, a huge tar header, zstd) or one with fewer samples than the manifest says;
-- per sample, from pipeline/records.py: `bad_samples` (a member over its cap, a record that is
-  not JSON or not the schema, a clip header declaring another size than the manifest's layout
-  or too large a clip: refused before anything is allocated; and any other exception while
-  decoding or sampling one clip), `unverified_samples` (no `clip_sha256`: read only with
-  `loader.allow_unverified_clips`), `corrupt_samples` (undecodable, or bytes that differ
-  from `clip_sha256`), `unusable_samples` (no frame selection for the stage).
+- per sample, from pipeline/records.py (for a run, per frame as a sample decodes it: a
+  damaged frame skips the samples that use it, not the run): `bad_samples` (a member over
+  its cap, a record that is not JSON or not the schema, a clip header declaring another
+  size than the manifest's layout or too large a clip: refused before anything is
+  allocated; and any other exception while decoding or sampling one clip),
+  `unverified_samples` (no `clip_sha256`: read only with `loader.allow_unverified_clips`),
+  `corrupt_samples` (undecodable, or bytes that differ from `clip_sha256`),
+  `unusable_samples` (no frame selection for the stage).
 A resampled stream that skips MAX_SKIPPED_IN_A_ROW samples in a row raises: its data serves
 nothing (an epoch ends, and the loader pads it).
 
@@ -76,6 +78,14 @@ class Skip(NamedTuple):
     kind: str
     counter: str
     reason: str
+
+
+def _frame_skip(e: BadSample | ClipDecodeError) -> Skip:
+    """Why a sample drawn from a run is skipped: a frame it uses failed its checks (the
+    run's other frames still serve other samples)."""
+    if isinstance(e, BadSample):
+        return Skip(e.kind, "bad_samples", str(e))
+    return Skip("corrupt clip", "corrupt_samples", str(e))
 
 
 class ClipStream(IterableDataset):
@@ -266,6 +276,11 @@ class ClipStream(IterableDataset):
                     self.count("unusable_samples")
                     skipped += 1
                     self._give_up_after(skipped, e)
+                    break
+                except (BadSample, ClipDecodeError) as e:  # a run's frame, checked when used
+                    self._skip(_frame_skip(e), url, sample.key)
+                    skipped += 1
+                    self._give_up_after(skipped)
                     break
                 except Exception as e:  # sampling one clip: recorded and skipped, never fatal
                     self._skip(Skip(f"{type(e).__name__} while sampling", "bad_samples",

@@ -25,6 +25,20 @@ Formats (`IngestConfig.storage`), the member extension after the sample key:
     raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8 or float16
 Bytes per frame and decode speed are measured by bench/loader.py (see its docstring).
 
+Runs (`IngestConfig.run_len`, configs/ingest/default.yaml): a run of T consecutive source
+frames is ONE tar member holding T single-frame images back to back, each exactly what
+`encode_clip` makes of that frame alone ((3 * H, W) planes L, a, b; or a (1, 3, H, W) .npy).
+JPEG frames of one run share their header (SOI to the scan: quantisation and Huffman tables,
+frame size; 318 bytes), stored once at the member's start (`header_bytes` in the record);
+each frame's own bytes follow, and the record lists their lengths (`frame_bytes`) and each
+standalone frame's sha256 (`frame_sha256`). One member per run keeps tar members (and tar
+reads) as few as with clips, while the loader rebuilds, checks and decodes only the frames a
+training sample uses (`run_frame`): a 48-frame run read for a pretrain pair decodes 2 frames.
+Per stored frame this costs about what one tall image per clip does (a frame's sha256 and
+length in the record, ~80 bytes, against the per-frame header it does not repeat); frames
+coded alone are the point, so each decode yields one frame. Extensions: `run.jpg`,
+`run.png`, `run.npy` (RUN_EXTENSIONS); a tool opening the member as an image sees frame 0.
+
 Decoding reads a member's header first (`clip_header`: the SOF of a JPEG, the IHDR of a PNG,
 the .npy header) and refuses, before allocating, a clip whose decoded size is not the one
 expected (the manifest's layout) or, when that is unknown, exceeds MAX_CLIP_PIXELS: a
@@ -33,6 +47,7 @@ expected (the manifest's layout) or, when that is unknown, exceeds MAX_CLIP_PIXE
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 
@@ -40,7 +55,10 @@ import cv2
 import numpy as np
 
 EXTENSIONS = {"jpeg": "lab.jpg", "png": "lab.png", "raw": "lab.npy"}
-CLIP_EXTENSIONS = tuple(EXTENSIONS.values())
+RUN_EXTENSIONS = {"jpeg": "run.jpg", "png": "run.png", "raw": "run.npy"}
+# The extension of one frame of a run member, as a clip of one frame.
+FRAME_EXTENSION = {run: EXTENSIONS[storage] for storage, run in RUN_EXTENSIONS.items()}
+CLIP_EXTENSIONS = (*EXTENSIONS.values(), *RUN_EXTENSIONS.values())
 STORED_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16))
 
 
@@ -230,6 +248,36 @@ def encode_clip(lab: np.ndarray, storage: str, quality: int = 95) -> tuple[str, 
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {planes.shape} {storage} image")
     return EXTENSIONS[storage], data.tobytes()
+
+
+def _shared_header(parts: list[bytes]) -> int:
+    """Bytes every JPEG of `parts` starts with up to its scan (SOI, APP0, DQT, SOF, DHT: the
+    same for every frame of one size and quality), or 0 (PNG, raw, or frames that differ)."""
+    if not parts or parts[0][:2] != b"\xff\xd8":
+        return 0
+    end = parts[0].find(b"\xff\xda")  # SOS: entropy-coded data follows
+    header = parts[0][: max(end, 0)]
+    return len(header) if end > 0 and all(p.startswith(header) for p in parts) else 0
+
+
+def encode_run(
+    lab: np.ndarray, storage: str, quality: int = 95
+) -> tuple[str, bytes, int, list[int], list[str]]:
+    """(T, 3, H, W) stored Lab of a run -> (extension, member bytes, shared header bytes,
+    byte length and sha256 of each frame): module docstring. A frame's sha256 is that of its
+    standalone image (the shared header, then its own bytes)."""
+    parts = [encode_clip(lab[t : t + 1], storage, quality)[1] for t in range(len(lab))]
+    digests = [hashlib.sha256(p).hexdigest() for p in parts]
+    h = _shared_header(parts)
+    body = b"".join([parts[0][:h], *(p[h:] for p in parts)])
+    return RUN_EXTENSIONS[storage], body, h, [len(p) - h for p in parts], digests
+
+
+def run_frame(data: bytes, header: int, starts: list[int], frame_bytes: list[int], t: int) -> bytes:
+    """The standalone image of frame `t` of a run member: its `header` shared bytes, then the
+    frame's own (`starts` = their offsets, `header` + cumulative `frame_bytes`;
+    pipeline/records.py checks they tile the member)."""
+    return data[:header] + data[starts[t] : starts[t] + frame_bytes[t]]
 
 
 # JPEG frame headers (SOFn; C4, C8 and CC are DHT, JPG and DAC), and the markers without a

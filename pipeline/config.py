@@ -17,6 +17,9 @@ from typedconfig import ConfigError, positive
 # The training stages, in the order they run (each starts from the previous one's weights).
 Stage = Literal["pretrain", "main", "dynamic"]
 STAGES: tuple[str, ...] = get_args(Stage)
+# Frames a run may hold (IngestConfig.run_len): at least a pretrain pair 2 apart; at most what
+# one tar member may hold (pipeline/records.py MAX_CLIP_FRAMES).
+MIN_RUN_LEN, MAX_RUN_LEN = 3, 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,12 @@ class IngestConfig:
     # otherwise one clip every clip_stride source frames (0 = the clip span: no overlap).
     clips_per_video: int = 0
     clip_stride: int = 0
+    # run_len > 0: store runs of consecutive frames instead of clips (the layout keys above
+    # are then unused): every source frame once, in runs of at most run_len frames (a video
+    # of n frames is cut into ceil(n / run_len) runs of equal length, +-1), each frame coded
+    # on its own so the loader decodes only the frames a sample uses and draws every stage's
+    # layout anywhere in a run (configs/ingest/default.yaml; pipeline/codec.py).
+    run_len: int = 0
     # Output size (height, width); "crop" scales the short side and centre-crops,
     # "stretch" resizes to the size regardless of aspect ratio.
     size: tuple[int, int] = (256, 256)
@@ -92,6 +101,10 @@ class IngestConfig:
                     "(e.g. [0, 4, 8, 16, 18, 20, 21])"
                 )
         positive(self.clips_per_video, "clips_per_video", allow_zero=True)
+        if self.run_len and not MIN_RUN_LEN <= self.run_len <= MAX_RUN_LEN:
+            raise ConfigError(
+                f"run_len={self.run_len} must be 0 (clips) or in {MIN_RUN_LEN}..{MAX_RUN_LEN}"
+            )
         positive(self.clip_stride, "clip_stride", allow_zero=True)
         if len(self.size) != 2 or not 8 <= min(self.size) <= max(self.size) <= 8192:
             raise ConfigError(f"size={list(self.size)} must be [height, width], each 8..8192")

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.codec import decoder_scales, frame_to_stored, resize_frame, scaled_size
-from pipeline.config import IngestConfig
+from pipeline.config import MIN_RUN_LEN, IngestConfig
 from pipeline.frame_folder import FrameFolder, is_frame_folder
 
 
@@ -53,6 +53,26 @@ class Probe(NamedTuple):
     width: int  # and the coded width times the sample aspect ratio
     info: VideoInfo | None  # when PyAV has to decode the video (rotated)
     anamorphic: bool  # the sample aspect ratio is not 1
+
+
+def run_bounds(num_frames: int, run_len: int) -> list[tuple[int, int]]:
+    """[start, end) of the runs a video of `num_frames` frames is cut into: ceil(n / run_len)
+    runs of consecutive frames, none overlapping, lengths differing by at most one, so every
+    frame is stored once and no run is a short leftover (a video of run_len + 1 frames gives
+    two runs of about run_len / 2 frames, each still long enough for the dynamic stage when
+    run_len is at least twice its span: configs/ingest/default.yaml)."""
+    if num_frames <= 0:
+        return []
+    count = -(-num_frames // run_len)
+    cuts = [round(i * num_frames / count) for i in range(count + 1)]
+    return list(zip(cuts, cuts[1:]))
+
+
+def clip_frames(num_frames: int, cfg: IngestConfig) -> list[list[int]]:
+    """Source-frame indices of every stored clip (or run, with `run_len`) of a video."""
+    if cfg.run_len:
+        return [list(range(s, e)) for s, e in run_bounds(num_frames, cfg.run_len)]
+    return [[s + o for o in cfg.offsets] for s in clip_starts(num_frames, cfg)]
 
 
 def folder_probe(folder: FrameFolder, fps: float) -> Probe:
@@ -207,11 +227,14 @@ def video_clips(
         fps = float(reader.get_avg_fps())
         info = VideoInfo(len(reader), fps, probe.height, probe.width, 0, "decord", probe.anamorphic)
     assert info is not None
-    starts = clip_starts(info.num_frames, cfg)
-    if not starts:
+    clips = clip_frames(info.num_frames, cfg)
+    if cfg.run_len and info.num_frames < MIN_RUN_LEN:
+        clips = []  # serves no stage: not even a pretrain pair 2 apart
+    if not clips:
         del reader
-        raise SkipVideo(f"too short: {info.num_frames} frames < clip span {cfg.span}")
-    wanted = sorted({s + o for s in starts for o in cfg.offsets})
+        need = f"run of {MIN_RUN_LEN}" if cfg.run_len else f"clip span {cfg.span}"
+        raise SkipVideo(f"too short: {info.num_frames} frames < {need}")
+    wanted = sorted({i for idx in clips for i in idx})
     if folder is not None:  # images decoded by a thread pool: decoder_threads (0: a core each)
         threads = cfg.decoder_threads or os.cpu_count() or 1
         frames = folder.frames(wanted, cfg.size, cfg.resize, threads)
@@ -220,23 +243,25 @@ def video_clips(
     else:
         frames = read_frames(reader, wanted)  # holds the reader until it is closed
         del reader
-    return info, _clips(frames, starts, cfg)
+    return info, _clips(frames, clips, cfg)
 
 
 def _clips(
-    frames: Generator[tuple[int, np.ndarray], None, None], starts: list[int], cfg: IngestConfig
+    frames: Generator[tuple[int, np.ndarray], None, None],
+    clips: list[list[int]] | list[int],
+    cfg: IngestConfig,
 ) -> Iterator[tuple[int, list[int], np.ndarray]]:
-    """Clips from decoded frames (index, RGB), streamed in index order.
+    """Clips (or runs) of the source frames `clips` (index lists, or the clips' first frames:
+    then `cfg.offsets` after each) from decoded frames (index, RGB), streamed in index order.
 
     Each frame is converted once, straight into the clip array that first needs it; `cache`
     keeps (views of) frames a later, overlapping clip needs too. The decoder is closed (and
     its threads freed) when the clips end, also early."""
     cache: dict[int, np.ndarray] = {}
-    shape = (len(cfg.offsets), 3, *cfg.size)
+    clips = [c if isinstance(c, list) else [c + o for o in cfg.offsets] for c in clips]
     try:
-        for ci, s in enumerate(starts):
-            idx = [s + o for o in cfg.offsets]
-            clip = np.empty(shape, cfg.dtype)
+        for ci, idx in enumerate(clips):
+            clip = np.empty((len(idx), 3, *cfg.size), cfg.dtype)
             for t, i in enumerate(idx):
                 if i in cache:
                     clip[t] = cache[i]
@@ -250,7 +275,7 @@ def _clips(
                     cache[j] = _stored(frame, cfg)  # a frame only a later clip needs
                 cache[i] = _stored(frame, cfg, clip[t])
             yield ci, idx, clip
-            nxt = starts[ci + 1] if ci + 1 < len(starts) else None
+            nxt = clips[ci + 1][0] if ci + 1 < len(clips) else None
             for i in [i for i in cache if nxt is None or i < nxt]:
                 del cache[i]  # frames no later clip needs
     finally:

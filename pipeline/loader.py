@@ -64,6 +64,8 @@ def check_layout(
     manifest) cannot serve `cfg.stage`: otherwise every sample would be skipped one by one (an
     epoch of nothing, or a rank without batches while the others train)."""
     offsets, size = layout.frame_offsets, layout.size
+    if not offsets and layout.run_len:  # runs: the longest serves every stage it can
+        offsets = tuple(range(layout.run_len))
     try:
         if offsets:
             select_frames(list(offsets), cfg, np.random.default_rng(0), long_term_gap)

@@ -19,6 +19,11 @@ manifest.json (deterministic: the same inputs and config give the same bytes):
     incomplete_shards  {name: error} for shards that failed twice (absent from `shards`)
     clip_frames, frame_offsets, size, storage, dtype: what a sample holds (the loader needs
                        shards, samples_per_shard and the layout: frame_offsets and size)
+    run_len            runs of consecutive frames (IngestConfig.run_len): a sample is a run
+                       of at most run_len frames, frame_offsets is empty, and num_frames
+                       counts every frame stored; absent for clip layouts
+    num_source_frames  frames of the videos that were stored (run shard sets; absent for
+                       clip layouts, whose manifests keep the bytes earlier versions wrote)
     config
     config_hash        the hash the shard set was written with (its first shard's: a set
                        an earlier version wrote keeps its hash, worker.accepted_hashes)
@@ -43,7 +48,7 @@ from typing import Any
 import storage
 from pipeline.config import IngestConfig
 from pipeline.sharding import ShardSpec
-from pipeline.worker import config_hash, shard_tars
+from pipeline.worker import UNLISTED_AT_DEFAULT, config_hash, shard_tars
 from typedconfig import ConfigError, from_dict, to_dict, to_plain
 
 MANIFEST = "manifest.json"
@@ -71,6 +76,7 @@ class ClipLayout:
 
     frame_offsets: tuple[int, ...] = ()  # source-frame offsets of a clip's frames
     size: tuple[int, ...] = ()  # (height, width) of the stored frames
+    run_len: int = 0  # > 0: samples are runs of at most this many consecutive frames
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,10 +102,17 @@ class Manifest:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     config_hash: str = ""
     content_hash: str = ""
+    run_len: int = 0
+    num_source_frames: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object of manifest.json (tuples as lists, problems as objects)."""
-        return to_plain(self)
+        """The JSON object of manifest.json (tuples as lists, problems as objects); the keys
+        of run shard sets only when they are set (clip layouts keep their earlier bytes)."""
+        obj = to_plain(self)
+        for key in ("run_len", "num_source_frames"):
+            if not obj[key]:
+                del obj[key]
+        return obj
 
     def write(self, dst: str) -> str:
         """Write DST/manifest.json atomically; returns its URL. The bytes are those every
@@ -111,7 +124,7 @@ class Manifest:
 
     @property
     def layout(self) -> ClipLayout:
-        return ClipLayout(self.frame_offsets, self.size)
+        return ClipLayout(self.frame_offsets, self.size, self.run_len)
 
     def shard_set(self, url: str) -> ShardSet:
         """The shards this manifest, read from `url`, lists: names relative to the manifest's
@@ -203,6 +216,8 @@ _OPTIONAL: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "config": ("a mapping", lambda v: isinstance(v, dict)),
     "config_hash": ("a string", _str),
     "content_hash": ("a string", _str),
+    "run_len": ("an integer", _is_int),
+    "num_source_frames": ("an integer", _is_int),
 }
 
 
@@ -278,6 +293,12 @@ def build_manifest(
         if s.index not in stats
         for v in s.videos
     ]
+    runs = cfg.run_len > 0
+    config = {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if not (k in UNLISTED_AT_DEFAULT and v == getattr(IngestConfig(), k))
+    }
     return Manifest(
         version=VERSION,
         shards=tuple(t["name"] for t in tars),
@@ -294,14 +315,17 @@ def build_manifest(
         },
         problems=tuple(problems),
         incomplete_shards={shards[i].name: e for i, e in sorted(errors.items())},
-        clip_frames=len(cfg.offsets),
-        frame_offsets=tuple(cfg.offsets),
+        clip_frames=cfg.run_len if runs else len(cfg.offsets),
+        frame_offsets=() if runs else tuple(cfg.offsets),
         size=tuple(cfg.size),
         storage=cfg.storage,
         dtype=cfg.dtype,
-        config=to_dict(cfg),
+        config=config,
         config_hash=chash,
         content_hash=content.hexdigest(),
+        run_len=cfg.run_len,
+        # Frames of the videos runs were cut from (every one of them is stored).
+        num_source_frames=sum(v.get("frames", 0) for v in videos if v.get("clips")) if runs else 0,
     )
 
 

@@ -15,9 +15,16 @@ All frames are cropped with one random window of `crop_size` (the same for every
 correspondences stay aligned).
 
 Shapes: lab (T, 3, H, W) uint8 stored Lab -> frames (K, 3, crop, crop), gaps (K-1,).
+
+A stored run (IngestConfig.run_len) is a clip of T consecutive frames with T up to hundreds:
+selection costs O(T log T) (sorted indices, searchsorted; no (T, T) matrix), the target is
+drawn uniformly among the frames that can be one, so every layout lands anywhere in the run,
+and only the K selected frames are decoded (`Frames.take`).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import numpy as np
 
@@ -33,20 +40,32 @@ class UnusableClip(ValueError):
 
 
 def _pair(idx: np.ndarray, cfg: LoaderConfig, rng: np.random.Generator) -> list[int]:
-    diffs = idx[None, :] - idx[:, None]  # (T, T): diffs[r, t] = idx[t] - idx[r]
-    gaps, probs = [], []
+    # References r with a target g frames later: searchsorted, O(T log T) per gap, so a run
+    # of hundreds of frames costs no (T, T) matrix. Ordered by r, as the pairs always were.
+    gaps, probs, refs = [], [], []
     for g, p in zip(cfg.pair_gaps, cfg.pair_probs):
-        if p > 0 and (diffs == g).any():
+        if p <= 0:
+            continue
+        pos = np.searchsorted(idx, idx + g)
+        hit = np.flatnonzero(idx[np.minimum(pos, len(idx) - 1)] == idx + g)
+        if len(hit):
             gaps.append(g)
             probs.append(p)
+            refs.append((hit, pos[hit]))
     if not gaps:
         raise UnusableClip(
-            f"no frame pair {list(cfg.pair_gaps)} apart in a clip at frames {idx.tolist()}"
+            f"no frame pair {list(cfg.pair_gaps)} apart in a clip at frames {_shown(idx)}"
         )
-    g = gaps[rng.choice(len(gaps), p=np.asarray(probs) / sum(probs))]
-    pairs = np.argwhere(diffs == g)  # (n, 2) rows (reference, target)
-    ref, tgt = pairs[rng.integers(len(pairs))]
-    return [int(ref), int(tgt)]
+    ref, tgt = refs[rng.choice(len(gaps), p=np.asarray(probs) / sum(probs))]
+    i = rng.integers(len(ref))
+    return [int(ref[i]), int(tgt[i])]
+
+
+def _shown(idx: np.ndarray) -> str:
+    """Frame indices for a message: a run of hundreds is shown by its ends."""
+    if len(idx) > 12:
+        return f"[{idx[0]}, {idx[1]}, ..., {idx[-1]}] ({len(idx)} frames)"
+    return str(idx.tolist())
 
 
 def _memory(
@@ -54,21 +73,22 @@ def _memory(
 ) -> list[int]:
     n_long = cfg.num_long_refs if cfg.stage == "dynamic" else 0
     n_short = cfg.num_short_refs
-    targets = []
-    for t in range(len(idx)):
-        back = idx[t] - idx[:t]
-        short = np.flatnonzero(back <= long_term_gap)
-        long = np.flatnonzero(back > long_term_gap)
-        if len(short) >= n_short and len(long) >= n_long:
-            targets.append((t, short, long))
-    if not targets:
+    # Frames before t more than long_term_gap back are a prefix [0, k_t) of the sorted
+    # indices, those within it the rest [k_t, t): counts per target without a (T, T) matrix.
+    k = np.searchsorted(idx, idx - long_term_gap)  # idx[j] < idx[t] - gap  <=>  j < k[t]
+    positions = np.arange(len(idx))
+    targets = np.flatnonzero((k >= n_long) & (positions - k >= n_short))
+    if not len(targets):
         raise UnusableClip(
             f"stage {cfg.stage!r} needs {n_long} reference(s) more than {long_term_gap} "
-            f"frames back and {n_short} within it; clip frames {idx.tolist()} have none. "
-            f"Ingest with configs/ingest/{cfg.stage}.yaml"
+            f"frames back and {n_short} within it; clip frames {_shown(idx)} have none. "
+            "Ingest with configs/ingest/default.yaml, whose runs of consecutive frames serve "
+            f"every stage (or, for this stage alone, the legacy layout: Ingest with "
+            f"configs/ingest/{cfg.stage}.yaml)"
         )
-    t, short, long = targets[rng.integers(len(targets))]
-    chosen_long = np.sort(rng.choice(long, n_long, replace=False)) if n_long else []
+    t = int(targets[rng.integers(len(targets))])
+    chosen_long = np.sort(rng.choice(int(k[t]), n_long, replace=False)) if n_long else []
+    short = np.arange(int(k[t]), t)
     chosen_short = np.sort(rng.choice(short, n_short, replace=False))
     return [*map(int, chosen_long), *map(int, chosen_short), t]
 
@@ -104,14 +124,24 @@ def random_crop(lab: np.ndarray, size: int, rng: np.random.Generator) -> np.ndar
     return lab[..., top : top + size, left : left + size]
 
 
+class Frames(Protocol):
+    """Stored frames decoded on demand (a run: pipeline/records.py StoredRun)."""
+
+    def take(self, positions: list[int]) -> np.ndarray:
+        """(K, 3, H, W) stored Lab of the frames at these positions."""
+        ...
+
+
 def make_sample(
-    lab: np.ndarray,
+    lab: np.ndarray | Frames,
     frame_indices: list[int],
     cfg: LoaderConfig,
     rng: np.random.Generator,
     long_term_gap: int = LONG_TERM_GAP,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stored clip -> (frames (K, 3, crop, crop) uint8, gaps (K-1,) int64)."""
+    """Stored clip (decoded) or run (decoded frame by frame: only the frames selected) ->
+    (frames (K, 3, crop, crop) uint8, gaps (K-1,) int64)."""
     order, gaps = select_frames(frame_indices, cfg, rng, long_term_gap)
-    frames = random_crop(lab[order], cfg.crop_size, rng)
+    chosen = lab[order] if isinstance(lab, np.ndarray) else lab.take(order)
+    frames = random_crop(chosen, cfg.crop_size, rng)
     return np.ascontiguousarray(frames), np.asarray(gaps, dtype=np.int64)

@@ -65,13 +65,15 @@ _HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
 
 def member_cap(layout: ClipLayout) -> int:
     """The largest clip member read (bytes): BYTES_PER_VALUE per stored value of the layout's
-    clip (frames x 3 planes x H x W) + MEMBER_SLACK; 256 MiB (MAX_CLIP_PIXELS values) when the
+    clip or longest run (frames x 3 planes x H x W) + MEMBER_SLACK (+ 1 KiB a frame of a
+    run for its own headers: ~600 bytes a JPEG frame); 256 MiB (MAX_CLIP_PIXELS values) when the
     layout is unknown (shard URLs given, or an old manifest)."""
-    if layout.frame_offsets and layout.size:
-        values = len(layout.frame_offsets) * 3 * math.prod(layout.size)
+    frames = layout.run_len or len(layout.frame_offsets)  # a run member: at most run_len
+    if frames and layout.size:
+        values = frames * 3 * math.prod(layout.size)
     else:
         values = MAX_CLIP_PIXELS
-    return BYTES_PER_VALUE * values + MEMBER_SLACK
+    return BYTES_PER_VALUE * values + MEMBER_SLACK + (layout.run_len << 10)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,9 +31,7 @@ from typing import Any
 import cv2
 
 import storage
-from pipeline.codec import (
-    encode_clip,
-)
+from pipeline.codec import encode_clip, encode_run
 from pipeline.config import IngestConfig
 from pipeline.decode import SkipVideo, video_clips
 from pipeline.frame_folder import FrameFolderError
@@ -65,7 +63,7 @@ def accepted_hashes(cfg: IngestConfig) -> set[str]:
 CONTENT_FIELDS = (
     "clip_len", "frame_step", "frame_offsets", "clips_per_video", "clip_stride",
     "size", "resize", "storage", "lab", "dtype", "quality", "videos_per_shard", "shard_mb",
-    "frame_folder_fps",
+    "run_len", "frame_folder_fps",
 )  # fmt: skip
 # Content fields added after shard sets were written. At its default such a field leaves the
 # content as it was, so those shard sets must stay valid (reruns skip their done shards,
@@ -73,7 +71,11 @@ CONTENT_FIELDS = (
 # HASHED_SINCE_ADDED fields have been hashed at every value since they were added (shard_mb,
 # 943eb14), so shard sets written before then are recognised by `accepted_hashes`. A new
 # content field goes into LATER_FIELDS (tests/pipeline/test_reader_sharding.py pins hashes).
-LATER_FIELDS = ("dtype", "frame_folder_fps")
+LATER_FIELDS = ("dtype", "run_len", "frame_folder_fps")
+# Config fields added after manifests recorded their ingest config: listed in a manifest's
+# `config` only when set off their default, so a shard set of an earlier layout rebuilds the
+# manifest it had, byte for byte (pipeline/manifest.py).
+UNLISTED_AT_DEFAULT = ("run_len", "frame_folder_fps")
 HASHED_SINCE_ADDED = ("shard_mb",)
 
 
@@ -122,16 +124,23 @@ def _video_members(url: str, cfg: IngestConfig, entry: dict[str, Any]) -> Member
                 entry["anamorphic"] = True  # scaled to square pixels: `size` as shown
             for ci, idx, lab in clips:
                 key = f"{entry['id']}_c{ci:04d}"
-                ext, data = encode_clip(lab, cfg.storage, cfg.quality)
+                run: dict[str, Any] = {}
+                if cfg.run_len:  # frames coded one by one: the loader decodes what it uses
+                    ext, data, header, sizes, digests = encode_run(lab, cfg.storage, cfg.quality)
+                    run = {"header_bytes": header, "frame_bytes": sizes, "frame_sha256": digests}
+                else:
+                    ext, data = encode_clip(lab, cfg.storage, cfg.quality)
                 record = {
                     "key": key, "source": url, "clip_index": ci, "frame_indices": idx,
                     "fps": info.fps, "original_size": [info.height, info.width],
                     "rotation": info.rotation, "num_source_frames": info.num_frames,
                     "shape": list(lab.shape), "storage": cfg.storage, "dtype": cfg.dtype,
                     # JPEG decoders accept damaged bytes: the loader checks clips against it.
-                    "clip_sha256": hashlib.sha256(data).hexdigest(),
+                    "clip_sha256": hashlib.sha256(data).hexdigest(), **run,
                 }  # fmt: skip
                 entry["clips"] += 1
+                if cfg.run_len:
+                    entry["stored_frames"] = entry.get("stored_frames", 0) + len(idx)
                 yield f"{key}.json", json.dumps(record, sort_keys=True).encode()
                 yield f"{key}.{ext}", data
     except SkipVideo as e:
@@ -259,7 +268,10 @@ def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any], run_id: str = "") -
         "shard": spec.name,
         "index": spec.index,
         "num_samples": clips,
-        "num_frames": clips * len(cfg.offsets),
+        # Frames stored: runs differ in length (each video's entry counts its own).
+        "num_frames": sum(v.get("stored_frames", 0) for v in videos)
+        if cfg.run_len
+        else clips * len(cfg.offsets),
         "bytes": sum(t["bytes"] for t in tars),
         "sha256": sha,
         "tars": tars,

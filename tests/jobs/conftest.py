@@ -20,10 +20,9 @@ def sample_videos_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> Path:
-    """manifest.json of 64x64 shards from the three sample videos, usable by every stage.
-
-    The dynamic-stage clip layout (frames 0, 15, 30, 41, 44, 46, 48, 49) also holds pairs 2/5/8
-    apart (pretrain) and 4 short-term references of the last frame (main).
+    """manifest.json of 64x64 shards from the three sample videos, usable by every stage:
+    the default ingest config (configs/ingest/default.yaml), runs of up to 48 consecutive
+    frames from which each stage draws its own layout (12 runs, 502 frames).
     """
     videos = tmp_path_factory.mktemp("train_videos")
     for name in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"):
@@ -31,7 +30,7 @@ def train_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_shards")
     cmd = [
         sys.executable, "-m", "jobs.ingest", "--input", str(videos), "--output", str(out),
-        "--config", str(ROOT / "configs/ingest/dynamic.yaml"), "--no-progress",
+        "--config", str(ROOT / "configs/ingest/default.yaml"), "--no-progress",
         "size=[64,64]", "videos_per_shard=1",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
