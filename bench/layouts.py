@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(videos=len(videos), source_frames=total)
     for name, (used, _, size, stored) in measured.items():
         result[f"{name}_bytes_per_source_frame"] = round(size / total)
-        result[f"{name}_bytes_per_stored_frame"] = round(size / stored)
+        result[f"{name}_bytes_per_stored_frame"] = round(size / stored) if stored else None
         for stage in STAGES:
             result[f"{name}_{stage}_frames_used"] = round(len(used[stage]) / total, 3)
     # Before: each stage trains on its own ingest; after: every stage on the runs.
