@@ -45,7 +45,9 @@ it ran, and the same (seed, start_step) would no longer give the same data.
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import logging
 import multiprocessing
 import random
@@ -153,14 +155,20 @@ class ClipStream(IterableDataset):
         # Ranges differ by at most one sample; a short one is padded with the samples after
         # it (wrapping around), also when fewer samples than ranks leave it empty.
         lo = self.rank * total // self.world_size
-        mine = [g % total for g in range(lo, lo + per_rank)] if total else []
-        starts = np.cumsum([0, *counts])
-        pieces: dict[int, list[int]] = {}
-        for g in mine:
-            s = int(np.searchsorted(starts, g, side="right") - 1)
-            pieces.setdefault(s, []).append(g - int(starts[s]))
         self.epoch_samples = per_rank
-        return [(self.urls[s], sorted(p)) for s, p in sorted(pieces.items())]
+        if not total:
+            return []
+        # Vectorised: one searchsorted over the rank's samples, not a call per sample (a
+        # rank of a million-sample epoch made its plan in seconds).
+        mine = np.arange(lo, lo + per_rank, dtype=np.int64) % total
+        starts = np.cumsum([0, *counts])
+        shard = np.searchsorted(starts, mine, side="right") - 1
+        pos = mine - starts[shard]
+        order = np.lexsort((pos, shard))  # by shard, then position
+        shard, pos = shard[order], pos[order]
+        cuts = np.flatnonzero(np.diff(shard)) + 1
+        return [(self.urls[int(s[0])], p.tolist())
+                for s, p in zip(np.split(shard, cuts), np.split(pos, cuts))]  # fmt: skip
 
     # -- iteration --------------------------------------------------------------------------
     def _worker(self) -> tuple[int, int]:
@@ -168,7 +176,8 @@ class ClipStream(IterableDataset):
         return (0, 1) if info is None else (info.id, info.num_workers)
 
     def _samples(self, url: str, positions: list[int] | None) -> Iterator[tuple[str, RawSample]]:
-        wanted = None if positions is None else {p: positions.count(p) for p in set(positions)}
+        # Counter, not list.count per position: that was quadratic in a shard's samples.
+        wanted = None if positions is None else collections.Counter(positions)
         expected = self._expected.get(url)
         read = 0
         try:
@@ -204,18 +213,24 @@ class ClipStream(IterableDataset):
             )
         return spare
 
+    def epoch_pieces(self, worker: int, workers: int) -> list[tuple[str, list[int]]]:
+        """The (shard URL, sample positions) pieces of this rank's epoch plan that DataLoader
+        worker `worker` of `workers` reads (bench/scale.py checks their coverage)."""
+        return self.plan[worker::workers]
+
     def _raw(self, rng: random.Random) -> Iterator[tuple[str, RawSample]]:
         worker, workers = self._worker()
         if not self.resampled:
-            pieces = self.plan[worker::workers]
+            pieces = self.epoch_pieces(worker, workers)
             rng.shuffle(pieces)
             for url, positions in pieces:
                 yield from self._samples(url, positions)
             return
-        weights = self.counts or [1] * len(self.urls)
+        # Cumulative weights once: `choices(weights=...)` sums them at every draw, O(shards).
+        cum_weights = list(itertools.accumulate(self.counts or [1] * len(self.urls)))
         misses = 0
         while True:
-            url = rng.choices(self.urls, weights=weights)[0]
+            url = rng.choices(self.urls, cum_weights=cum_weights)[0]
             got = 0
             for item in self._samples(url, None):
                 got += 1

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -87,7 +88,7 @@ def run_shards(
     )
     clips = failures = skipped = 0
     start = time.perf_counter()
-    rounds = [list(shards)]
+    rounds = [collections.deque(shards)]  # popleft: list.pop(0) was quadratic in shards
     round_no = 0
     while rounds:
         queue = rounds.pop(0)
@@ -95,7 +96,7 @@ def run_shards(
         pending: dict[Any, tuple[ShardSpec, float]] = {}
         while queue or pending:
             while queue and len(pending) < limit:
-                spec = queue.pop(0)
+                spec = queue.popleft()
                 pending[task.remote(spec, cfg_dict, run_id)] = (spec, time.monotonic())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll)
             if check is not None:
@@ -140,7 +141,7 @@ def run_shards(
             bar.update(sum(len(s.videos) for s in failed_now))
             if failed_now and cfg.retry_failed_shards:
                 log.warning("retrying %d failed shards once", len(failed_now))
-                rounds.append(failed_now)
+                rounds.append(collections.deque(failed_now))
         round_no += 1
     bar.close()
     return done, errors

@@ -68,6 +68,10 @@ def _key(video: str) -> str:
     """How a recorded video is matched with the input: the input's local paths are absolute
     (pipeline.reader), and a path an earlier version recorded relative to the directory it
     ran in matches its absolute form from that directory."""
+    if video.startswith("/") and "//" not in video and "/." not in video and video[-1] != "/":
+        # Already absolute and normal (what pipeline.reader gives): abspath would return it
+        # as it is, at ~1 us per call, several calls per video (a million-video rerun).
+        return video
     return os.path.abspath(video) if storage.is_local(video) else video
 
 
