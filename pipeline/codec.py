@@ -25,19 +25,15 @@ Formats (`IngestConfig.storage`), the member extension after the sample key:
     raw   `lab.npy`  lossless, uncompressed numpy (T, 3, H, W) uint8 or float16
 Bytes per frame and decode speed are measured by bench/loader.py (see its docstring).
 
-Runs (`IngestConfig.run_len`, configs/ingest/default.yaml): a run of T consecutive source
-frames is ONE tar member holding T single-frame images back to back, each exactly what
-`encode_clip` makes of that frame alone ((3 * H, W) planes L, a, b; or a (1, 3, H, W) .npy).
-JPEG frames of one run share their header (SOI to the scan: quantisation and Huffman tables,
-frame size; 318 bytes), stored once at the member's start (`header_bytes` in the record);
-each frame's own bytes follow, and the record lists their lengths (`frame_bytes`) and each
-standalone frame's sha256 (`frame_sha256`). One member per run keeps tar members (and tar
-reads) as few as with clips, while the loader rebuilds, checks and decodes only the frames a
-training sample uses (`run_frame`): a 48-frame run read for a pretrain pair decodes 2 frames.
-Per stored frame this costs about what one tall image per clip does (a frame's sha256 and
-length in the record, ~80 bytes, against the per-frame header it does not repeat); frames
-coded alone are the point, so each decode yields one frame. Extensions: `run.jpg`,
-`run.png`, `run.npy` (RUN_EXTENSIONS); a tool opening the member as an image sees frame 0.
+Runs (`IngestConfig.run_len`, configs/ingest/default.yaml): a run of T consecutive frames is
+ONE tar member (`run.jpg`, `run.png`, `run.npy`) holding T single-frame images back to back,
+each what `encode_clip` makes of that frame alone. JPEG frames share their header (SOI to
+the scan: tables and size, 318 bytes), stored once at the start (`header_bytes` in the
+record); the record lists each frame's own length (`frame_bytes`) and its standalone image's
+sha256 (`frame_sha256`). One member per run keeps tar members as few as with clips, and the
+loader rebuilds, checks and decodes only the frames a sample uses (`run_frame`: a pretrain
+pair decodes 2 of a run's 48). Per stored frame this costs what one tall image per clip does
+(bench/layouts.py). A tool opening the member as an image sees frame 0.
 
 Decoding reads a member's header first (`clip_header`: the SOF of a JPEG, the IHDR of a PNG,
 the .npy header) and refuses, before allocating, a clip whose decoded size is not the one

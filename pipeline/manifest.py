@@ -293,12 +293,9 @@ def build_manifest(
         if s.index not in stats
         for v in s.videos
     ]
-    runs = cfg.run_len > 0
-    config = {
-        k: v
-        for k, v in to_dict(cfg).items()
-        if not (k in UNLISTED_AT_DEFAULT and v == getattr(IngestConfig(), k))
-    }
+    runs, default = cfg.run_len > 0, to_dict(IngestConfig())
+    config = {k: v for k, v in to_dict(cfg).items()
+              if not (k in UNLISTED_AT_DEFAULT and v == default[k])}  # fmt: skip
     return Manifest(
         version=VERSION,
         shards=tuple(t["name"] for t in tars),
