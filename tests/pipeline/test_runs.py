@@ -180,14 +180,25 @@ def test_every_stage_draws_its_layout_from_one_shard_set(runs):
     assert dynamic[:, 0].max() > 17  # long-term references reach across the run
 
 
-def test_every_source_frame_is_reachable_by_every_stage():
-    # Over many draws on a run of 48 frames (a full default run) every frame appears, as a
-    # reference or target, for each stage; on a long run selection is cheap (no T x T matrix).
+def test_every_source_frame_is_reachable_by_every_stage(runs):
+    # Over many draws from the stored runs of a 120-frame video, every source frame appears
+    # in some sample of every stage (as a reference or the target).
+    _, manifest_url = runs
+    manifest = read_manifest(str(manifest_url))
     rng = np.random.default_rng(0)
+    for stage in ("pretrain", "main", "dynamic"):
+        seen: set[int] = set()
+        for sample in iter_samples(manifest.shard_set(str(manifest_url)).urls[0]):
+            idx, _ = open_sample(sample, manifest.layout)  # nothing decoded
+            for _ in range(200):
+                seen.update(idx[i] for i in select_frames(idx, _loader_cfg(stage), rng)[0])
+        assert seen == set(range(120)), stage
+    # The same on a run of 48 frames (a full default run); on a long run selection is cheap
+    # (no T x T matrix).
     for stage in ("pretrain", "main", "dynamic"):
         cfg = _loader_cfg(stage)
         used = np.zeros(48, int)
-        for _ in range(2000):
+        for _ in range(800):
             order, _ = select_frames(list(range(48)), cfg, rng)
             used[order] += 1
         assert (used > 0).all(), (stage, np.flatnonzero(used == 0))
