@@ -4,14 +4,16 @@
     python -m jobs.train --config configs/train/demo.yaml --stages pretrain,main,dynamic \\
         --data runs/shards/manifest.json --run-name demo scaling.num_workers=2
     ray job submit --working-dir . -- python -m jobs.train --stages pretrain,main,dynamic \\
-        --data s3://bucket/shards/manifest.json --run-name mast-v1 mlflow.tracking_uri=http://mlflow:5000
+        --data s3://bucket/shards/manifest.json --run-name mast-v1 storage_path=s3://bucket/runs \\
+        mlflow.tracking_uri=http://mlflow:5000
 
 Everything that can be checked is checked before Ray workers start: the config (typos name
 the allowed keys; stages in the order pretrain -> main -> dynamic), the data (a missing,
 empty or malformed manifest is an error; unreadable shards are skipped and recorded in the
 MLflow runs), the tracking store (reachable, writable) and any checkpoint to resume or start
 from (same model config). Each stage is a Ray Train run named `<run_name>-<stage>` under
-`storage_path`; rerunning the same command resumes it from its latest readable checkpoint
+`storage_path` (a path, or an object-store URL: no shared filesystem needed,
+`jobs.stage_dir`); rerunning the same command resumes it from its latest readable checkpoint
 (none readable: the stage starts afresh), and a stage that already finished
 (`stage_done.json`) is skipped, both only on the data the stage started on (`stage_data.json`:
 the manifest's content hash, combined with the names of skipped shards) and, for the model,

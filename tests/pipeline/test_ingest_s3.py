@@ -4,54 +4,25 @@ mode on loopback (a real HTTP S3 endpoint), then the loader reads the shards fro
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import pytest
 
 from jobs.ingest import ingest
 from pipeline.config import IngestConfig, LoaderConfig
 from pipeline.loader import make_epoch_loader
+from tests.object_store import moto_s3
 from typedconfig import from_dict, to_dict
 
 pytestmark = pytest.mark.ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server():
     """moto in server mode on loopback, this process's AWS_* variables pointing at it (fake
-    credentials); yields those variables. Other modules import this fixture."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()  # none bound to another module's server
-    try:
+    credentials; tests/object_store.py); yields those variables. Other modules import this
+    fixture."""
+    with moto_s3() as env:
         yield env
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
