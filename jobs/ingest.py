@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import storage
@@ -101,6 +103,22 @@ def _outside(videos: list[str], dst: str) -> list[str]:
     return keep
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a block (back on after it, if it was on).
+
+    The driver's bookkeeping loads the shard plan and every stats file: a million-video rerun
+    holds a million small dicts from JSON, none in a cycle, which each full collection
+    traversed again as the heap grew (bench/scale.py: a third of that rerun's CPU time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def clean(dst: str, run_id: str, *, everything: bool) -> None:
     """Remove the temp files of run `run_id` (a Ray worker killed mid-write leaves its
     half-written tar) and of dead runs; with `everything`, all of this job's files.
@@ -133,11 +151,14 @@ def ingest(
     videos: list[str] | None = None,
     verify: bool = False,
     lock: storage.OutputLock | None = None,
+    start_ray: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole job (Ray must be initialised) holding DST's lock (`lock`, taken by the
-    caller, or one taken here: storage.LockHeld when another run has it); returns the
-    manifest's JSON object, plus run figures under keys starting with "_" (wall seconds, task
-    CPU seconds, frames written, shards verified and found damaged with `verify`)."""
+    """Run the whole job holding DST's lock (`lock`, taken by the caller, or one taken here:
+    storage.LockHeld when another run has it); returns the manifest's JSON object, plus run
+    figures under keys starting with "_" (wall seconds, task CPU seconds, frames written,
+    shards verified and found damaged with `verify`). Ray is needed only when some shard is
+    to be written: then `start_ray()` is called first (without it, Ray must be initialised);
+    a rerun with every shard done decides so, and writes the manifest, without Ray."""
     start = time.perf_counter()
     if videos is None:
         videos = list_videos(src, cfg.extensions)
@@ -151,8 +172,9 @@ def ingest(
         run_id = lock.owner
         clean(dst, run_id, everything=overwrite)
         # A garbage assignment.json is rebuilt from the shards' stats files, or refused.
-        shards = assign(videos, dst, cfg.videos_per_shard, lambda: recorded_videos(dst))
-        stats = read_done(shards, cfg)
+        with gc_paused():
+            shards = assign(videos, dst, cfg.videos_per_shard, lambda: recorded_videos(dst))
+            stats = read_done(shards, cfg)
         damaged = _verify(shards, stats) if verify else []
         verified = len(stats) + len(damaged) if verify else 0
         todo = [s for s in shards if s.index not in stats]
@@ -160,15 +182,21 @@ def ingest(
             "%d videos in %d shards: %d done, %d to write -> %s",
             len(videos), len(shards), len(stats), len(todo), dst,
         )  # fmt: skip
-        completed, errors = run_shards(
-            todo, cfg, progress=progress, run_id=run_id, check=lock.check
-        )
-        # A worker killed mid-shard (OOM, a lost node; Ray ran the task again) leaves its
-        # half-written temp tar behind: removed now, not at the next run.
-        clean(dst, run_id, everything=False)
+        completed: list[dict[str, Any]] = []
+        errors: dict[int, str] = {}
+        if todo:
+            if start_ray is not None:
+                start_ray()
+            completed, errors = run_shards(
+                todo, cfg, progress=progress, run_id=run_id, check=lock.check
+            )
+            # A worker killed mid-shard (OOM, a lost node; Ray ran the task again) leaves its
+            # half-written temp tar behind: removed now, not at the next run.
+            clean(dst, run_id, everything=False)
         for s in completed:
             stats[s["index"]] = {k: v for k, v in s.items() if k not in ("seconds", "cpu_seconds")}
-        manifest = build_manifest(shards, stats, errors, cfg)
+        with gc_paused():
+            manifest = build_manifest(shards, stats, errors, cfg)
         lock.check()  # a run that lost its lock leaves the manifest to the run that has it
         manifest.write(dst)
     # Run figures, not part of the written manifest (which is deterministic).
@@ -242,17 +270,22 @@ def main(args: argparse.Namespace) -> int:
 def _run(
     args: argparse.Namespace, cfg: IngestConfig, videos: list[str], lock: storage.OutputLock
 ) -> int:
-    import ray
+    def start_ray() -> None:
+        import ray
 
-    if not ray.is_initialized():
-        # A cluster named by RAY_ADDRESS is joined as it is; otherwise a local one starts.
-        local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
-        ray.init(log_to_driver=False, **local)
-    try:
+        if not ray.is_initialized():
+            # A cluster named by RAY_ADDRESS is joined as it is; otherwise a local one starts.
+            local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
+            ray.init(log_to_driver=False, **local)
         check_task_cpus(cfg, may_grow=ray_may_grow())
+
+    try:
+        # Ray starts only when some shard is to be written: a rerun of a finished job (a
+        # million videos) decides "nothing to write" and rewrites the manifest without it.
         run = ingest(
             args.input, args.output, cfg, overwrite=args.overwrite,
             progress=not args.no_progress, videos=videos, verify=args.verify, lock=lock,
+            start_ray=start_ray,
         )  # fmt: skip
         url = storage.join(args.output, MANIFEST)
         manifest = read_manifest(url)  # what was written, through the reader training uses
