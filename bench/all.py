@@ -17,6 +17,7 @@ BENCHMARKS = [
     "ingest",
     "ingest_frames",
     "loader",
+    "scale",
     "train",
     "evaluate",
 ]
