@@ -39,19 +39,22 @@ SAMPLE_VIDEOS = ("bigbuckbunny", "bikes", "carphone_pristine")
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
-    num_sequences: int = 3
-    num_frames: int = 12
-    width: int = 128  # multiples of 4 keep the model's stride-4 features aligned
-    height: int = 96
-    min_objects: int = 2
-    max_objects: int = 3
+    """A DAVIS-format set generated from the sample videos: objects cut from real frames and
+    moved over real backgrounds."""
+
+    num_sequences: int = 3  # sequences in the split, each from another video or start frame
+    num_frames: int = 12  # frames per sequence (>= 3: DAVIS scoring skips the first and last)
+    width: int = 128  # pixels; multiples of 4 keep the model's stride-4 features aligned
+    height: int = 96  # pixels
+    min_objects: int = 2  # objects per sequence, at least (ids 1..n in the masks)
+    max_objects: int = 3  # objects per sequence, at most (<= 254)
     object_size: tuple[float, float] = (0.25, 0.45)  # object diameter / min(H, W), range
     speed: float = 0.04  # drift per frame / min(H, W)
     frame_step: int = 2  # source-video frames between consecutive sample frames
     min_first_visible: float = 0.5  # visible fraction of each object in frame 0, at least
-    split: str = "val"
-    seed: int = 0
-    jpeg_quality: int = 95
+    split: str = "val"  # written as ImageSets/2017/<split>.txt
+    seed: int = 0  # the same seed and videos give the same set, byte for byte
+    jpeg_quality: int = 95  # of the JPEGImages frames (1..100)
 
     def validate(self) -> None:
         for key in ("num_sequences", "width", "height", "min_objects", "frame_step"):
@@ -239,12 +242,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", required=True, help="dataset root to write")
     parser.add_argument("--config", default=None, help="YAML file of SampleConfig keys")
-    parser.add_argument("--num-sequences", type=int, default=None)
-    parser.add_argument("--num-frames", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--split", default=None)
+    # Shortcuts for the keys used most; each is the config key of the same name.
+    for flag, key in [
+        ("--num-sequences", "num_sequences"),
+        ("--num-frames", "num_frames"),
+        ("--width", "width"),
+        ("--height", "height"),
+        ("--seed", "seed"),
+    ]:
+        parser.add_argument(flag, type=int, default=None, help=f"the config key {key} (below)")
+    parser.add_argument("--split", default=None, help="the config key split (below)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     # Intermixed: `key=value` overrides may come before or after the options.
     return parser.parse_intermixed_args(argv)

@@ -47,7 +47,7 @@ class RayEvalConfig:
 
     enabled: bool = True  # false: the same per-sequence function runs in this process
     address: str | None = None  # None: join a running cluster or start a local one
-    max_in_flight: int = 2
+    max_in_flight: int = 2  # sequence tasks running at once
     num_cpus: float = 1.0  # per task
     num_gpus: float = 0.0  # per task
     memory_gb: float = 0.0  # per task, reserved in Ray's scheduler; 0 = no reservation
@@ -63,20 +63,25 @@ class RayEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalMlflowConfig:
+    """Where the evaluation is logged, and where models:/ URIs are read from."""
+
     enabled: bool = True  # false: no evaluation run, tags or promotion (models:/ still read)
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI or the embedded SQLite store
-    experiment: str = "mast-eval"
+    experiment: str = "mast-eval"  # MLflow experiment of the evaluation runs
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    split: str = "val"
+    """How jobs.evaluate scores a model on DAVIS-2017."""
+
+    split: str = "val"  # ImageSets/2017/<split>.txt names the sequences
     sequences: tuple[str, ...] = ()  # empty = every sequence of ImageSets/2017/<split>.txt
     output: str = "runs/eval"  # results root: <output>/<seq>/00000.png + the two CSVs
-    resolution: str = "480p"
-    device: Literal["cpu", "cuda"] = "cpu"
+    resolution: str = "480p"  # JPEGImages/<resolution> and Annotations/<resolution>
+    device: Literal["cpu", "cuda"] = "cpu"  # where each task runs the model
     ignore_void: bool = False  # false = the official tool's numbers (void counts as background)
     bound_th: float = 0.008  # F tolerance: fraction of the diagonal (>= 1: pixels)
+    # Picture per sequence (logged to MLflow): an animated GIF, one strip image, or none.
     overlay: Literal["gif", "strip", "none"] = "gif"
     overlay_frames: int = 8  # frames shown per sequence picture
     overlay_width: int = 320  # picture width per frame, pixels

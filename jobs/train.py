@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train",
-        description="Train MAST with Ray Train through one or more stages (see module docstring).",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (key=value overrides, defaults shown):\n" + config_help(TrainConfig),
     )

@@ -31,16 +31,17 @@ from typedconfig import (
     read_yaml,
     set_path,
 )
+from typedconfig.describe import HIDDEN
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     """Optimiser. MAST_NOTES "Training recipe": Adam, lr 1e-3 pretrain, 2e-5 fine-tuning."""
 
-    name: Literal["adam", "adamw"] = "adam"
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    name: Literal["adam", "adamw"] = "adam"  # adamw: decoupled weight decay
+    lr: float = 1e-3  # peak learning rate (after warm-up, before the milestones)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's moment decay rates
+    weight_decay: float = 0.0  # L2 (adam) or decoupled (adamw) decay; 0 = none
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
 
     def validate(self) -> None:
@@ -59,7 +60,7 @@ class ScheduleConfig:
     steps: int = 1000  # optimiser steps of this stage; identical on every rank
     # Paper: 1M iterations, lr halved at 0.4M / 0.6M / 0.8M -> fractions of `steps`.
     milestones: tuple[float, ...] = (0.4, 0.6, 0.8)
-    gamma: float = 0.5
+    gamma: float = 0.5  # lr multiplier at each milestone
     warmup_steps: int = 0  # linear warm-up from lr/100 (0 = none, as the paper)
 
     def validate(self) -> None:
@@ -76,6 +77,8 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
+    """When checkpoints are written and kept, and what a stage starts from."""
+
     every_steps: int = 500  # a checkpoint every N steps, and always at the end of the stage
     keep: int = 3  # Ray CheckpointConfig(num_to_keep)
     # Weights to start from: a checkpoint dir/file or a models:/ or runs:/ URI. Stage chaining
@@ -89,9 +92,11 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True)
 class ScalingSection:
+    """Ray Train workers (DDP ranks) and their resources."""
+
     num_workers: int = 2  # 0 = run the loop in the driver process (unit tests, debugging)
     use_gpu: Literal["auto", "true", "false"] = "auto"  # auto: GPUs if the cluster has any
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # Ray CPUs reserved per worker (its DataLoader workers too)
     max_failures: int = 2  # Ray FailureConfig: worker failures recovered from the last checkpoint
     threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = cpus_per_worker
 
@@ -105,12 +110,14 @@ class ScalingSection:
 
 @dataclasses.dataclass(frozen=True)
 class MlflowSection:
+    """Tracking: the runs of a training, its pictures and the registered model."""
+
     tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI, else sqlite under runs/mlflow
-    experiment: str = "mast-train"
-    registered_model: str = keys.MODEL_NAME
+    experiment: str = "mast-train"  # MLflow experiment of the training runs
+    registered_model: str = keys.MODEL_NAME  # each stage registers a version of this model
     log_every_steps: int = 10  # scalar metrics
     image_every_steps: int = 100  # target / reconstruction / error map picture
-    system_metrics: bool = True
+    system_metrics: bool = True  # CPU, memory and GPU use logged with each stage run
     register: bool = True  # log + register the model at the end of each stage
 
     def validate(self) -> None:
@@ -124,13 +131,15 @@ class MlflowSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """One training stage (`loader.stage`): data, model, loader, optimiser and tracking."""
+
     data: str = ""  # manifest.json path/URL or shard URL(s); required
     run_name: str = ""  # Ray run + MLflow parent run name; the same name resumes
     storage_path: str = "runs/ray"  # run directories: a path (made absolute) or s3://, gs://...
-    seed: int = 0
-    # Testing knob: raise inside rank 0 at this step, once (a marker file in the run directory
-    # makes the retried attempt pass). -1 = off.
-    fault_at_step: int = -1
+    seed: int = 0  # model initialisation and sample draws; the same seed repeats a run
+    # Testing knob, hidden from --help: raise inside rank 0 at this step, once (a marker file
+    # in the run directory makes the retried attempt pass). -1 = off.
+    fault_at_step: int = dataclasses.field(default=-1, metadata={HIDDEN: True})
     model: MASTConfig = dataclasses.field(default_factory=MASTConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)

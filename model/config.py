@@ -26,6 +26,8 @@ class MASTConfig:
     train_radius: int = 6  # short-term window radius in training (13x13)
     test_radius: int = 12  # short-term window radius at test time (25x25)
     scale: float | None = None  # affinity scale; None = 1/sqrt(feat_dim) (defect 3); 1.0 = ref code
+    # Which Lab channels a training clip loses: "reference" (one of a/b, kept ones x 1.5, as
+    # the reference code), "paper" (one of a/b, the other with p = 0.5) or "none".
     channel_dropout: Literal["reference", "paper", "none"] = "reference"
     long_term_gap: int = 15  # references more than this many frames back use ROI localisation
     coarse_radius: int = 12  # coarse ROI search window radius (25x25)

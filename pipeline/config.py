@@ -55,7 +55,7 @@ class IngestConfig:
     # pixel; `storage: raw` and `lab: float` only). See pipeline/codec.py.
     dtype: Literal["uint8", "float16"] = "uint8"
     quality: int = 95  # JPEG quality (1..100); ignored for png/raw
-    videos_per_shard: int = 16
+    videos_per_shard: int = 16  # videos per shard task (one tar each, unless shard_mb splits it)
     # Target tar size in MB (0 = one tar per shard, its size set by videos_per_shard). A shard
     # task closes its tar once it holds this much, after the video that reached it (a video's
     # clips stay in one tar), and continues in the next part, shard-NNNNNN_001.tar, ...; so
@@ -132,8 +132,8 @@ class IngestConfig:
 class LoaderConfig:
     """Training loader: which frames of a stored clip form a sample, and batching."""
 
-    stage: Stage = "pretrain"
-    batch_size: int = 12
+    stage: Stage = "pretrain"  # which layout a sample has: pairs, short-term or long-term memory
+    batch_size: int = 12  # samples per step per worker (rank); global batch = x num_workers
     num_workers: int = 2  # DataLoader worker processes (0 = in the training process)
     crop_size: int = 256  # random square crop, same window for every frame; 0 = stored size
     # pretrain: one reference, source-frame gap drawn from pair_gaps with pair_probs.
@@ -148,7 +148,7 @@ class LoaderConfig:
     # storage reads and clip decodes per sample by k (bench/loader.py: GPU feed budget).
     samples_per_clip: int = 1
     resampled: bool = True  # infinite stream drawn with replacement (training)
-    prefetch_factor: int = 2
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
     # False: frames stay stored uint8 Lab and the model normalises them on its device (4x
     # fewer bytes from the workers to the trainer); True: float32 network-space Lab,
     # ((L - 50) / 50, a / 127, b / 127) as model.colour.normalise_lab. The model takes both.

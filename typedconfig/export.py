@@ -4,6 +4,7 @@ params), as YAML, and as the `--help` listing of every key."""
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +42,14 @@ def dump_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def config_help(cls: type, prefix: str = "") -> str:
-    """One line per key with its default, for every job's `--help` epilog."""
+def config_help(cls: type, width: int = 100) -> str:
+    """Every visible key with its default and description (from the comments beside its
+    field, typedconfig.describe), for a job's `--help` epilog."""
+    from typedconfig.describe import key_docs
+
     lines = []
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        if dataclasses.is_dataclass(default):
-            lines.append(config_help(type(default), f"{prefix}{f.name}."))
-        else:
-            lines.append(f"  {prefix}{f.name} = {default!r}")
+    for doc in key_docs(cls):
+        lines.append(f"  {doc.key} = {doc.default!r}")
+        text = doc.description or "(no description)"
+        lines += textwrap.wrap(text, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
