@@ -109,15 +109,24 @@ def blend(image: np.ndarray, labels: np.ndarray, alpha: float = 0.55) -> np.ndar
 def write_overlay(
     path: Path, images: np.ndarray, gt: np.ndarray, pred: np.ndarray, cfg: EvalConfig
 ) -> Path:
-    """Ground truth (top) over prediction (bottom) for a few frames: a GIF or a PNG strip."""
+    """Ground truth (top) over prediction (bottom) for a few frames, each half labelled
+    ("ground truth" / "prediction") and each frame numbered: a GIF or a PNG strip."""
     t = images.shape[0]
     picks = np.unique(np.linspace(0, t - 1, min(t, cfg.overlay_frames)).round().astype(int))
     h, w = images.shape[1:3]
     size = (cfg.overlay_width, max(1, round(h * cfg.overlay_width / w)))
     panels = []
     for i in picks:
-        pair = np.concatenate([blend(images[i], gt[i]), blend(images[i], pred[i])], axis=0)
-        panels.append(Image.fromarray(pair).resize((size[0], 2 * size[1]), Image.BILINEAR))
+        halves = [
+            label(
+                np.asarray(
+                    Image.fromarray(blend(images[i], masks[i])).resize(size, Image.BILINEAR)
+                ),
+                text,
+            )
+            for masks, text in ((gt, f"ground truth, frame {i}"), (pred, f"prediction, frame {i}"))
+        ]
+        panels.append(Image.fromarray(np.concatenate(halves, axis=0)))
     path = path.with_suffix(".gif" if cfg.overlay == "gif" else ".png")
     with atomic_path(path) as tmp:
         if cfg.overlay == "gif":
@@ -128,6 +137,21 @@ def write_overlay(
             strip = np.concatenate([np.asarray(p) for p in panels], axis=1)
             Image.fromarray(strip).save(tmp, format="PNG")
     return path
+
+
+LABEL_HEIGHT = 14  # pixels of the black band a label is written on
+
+
+def label(rgb: np.ndarray, text: str) -> np.ndarray:
+    """`text` in white on a black band across the top of an RGB picture (drawn over it, so
+    the picture keeps its size)."""
+    import cv2
+
+    out = rgb.copy()
+    out[:LABEL_HEIGHT] = 0
+    cv2.putText(out, text, (3, 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1,
+                cv2.LINE_AA)  # fmt: skip
+    return out
 
 
 def evaluate_sequence_files(

@@ -138,7 +138,9 @@ def train_steps(worker: Worker, start_step: int) -> dict[str, Any]:
         done = step + 1
         progress.update(1)
         if done % cfg.mlflow.image_every_steps == 0 or done == cfg.schedule.steps:
-            tracker.log_picture(out.target[0], out.reconstruction[0].detach(), done)
+            tracker.log_picture(
+                out.target[0], out.reconstruction[0].detach(), done, int(out.dropped[0])
+            )
         if done % cfg.mlflow.log_every_steps == 0 or done == cfg.schedule.steps:
             final_metrics = window.metrics(scheduler.get_last_lr()[0])
             tracker.log_metrics(final_metrics, done)
