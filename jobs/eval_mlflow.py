@@ -75,6 +75,26 @@ def resolve_model_ref(client, uri: str) -> ModelRef:
     return ModelRef(uri, name, str(mv.version), model_id)
 
 
+def what_exists(client, uri: str) -> str:
+    """For an unknown models:/ URI: the registered models, or the given model's aliases and
+    versions, so the user can pick one ("" when the store cannot say)."""
+    m = _MODEL_URI.match(uri)
+    if m is None:
+        return ""
+    try:
+        names = sorted(rm.name for rm in client.search_registered_models())
+        if m["name"] not in names:
+            return f"registered models in this store: {', '.join(names) or 'none'}"
+        aliases = client.get_registered_model(m["name"]).aliases
+        versions = sorted(
+            int(v.version) for v in client.search_model_versions(f"name='{m['name']}'")
+        )
+    except Exception:  # noqa: BLE001 - only a hint; the original error is reported anyway
+        return ""
+    shown = ", ".join(f"@{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+    return f"aliases of {m['name']}: {shown}; versions: {', '.join(map(str, versions)) or 'none'}"
+
+
 def object_table(objects: list[ObjectScore]) -> pd.DataFrame:
     rows = []
     for o in objects:

@@ -98,6 +98,13 @@ def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
     except CheckpointError as e:  # names the file and its fix (e.g. may hold code: convert)
         raise EvalError(f"cannot load model {uri!r}{where}: {e}") from e
     except Exception as e:  # noqa: BLE001 - registry and download errors alike
+        if reads_registry(uri) and tracking_uri:
+            from mlflow.tracking import MlflowClient
+
+            from jobs.eval_mlflow import what_exists
+
+            hint = what_exists(MlflowClient(tracking_uri, registry_uri=tracking_uri), uri)
+            where += f" ({hint})" if hint else ""
         raise EvalError(
             f"cannot load model {uri!r}{where} ({type(e).__name__}: {e}); pass "
             "models:/name@alias, models:/name/N, runs:/<run_id>/model or a checkpoint path "
@@ -184,13 +191,17 @@ def evaluate(
     client = ref = None
     try:
         if cfg.mlflow.enabled:
-            from jobs.eval_mlflow import resolve_model_ref
+            from jobs.eval_mlflow import resolve_model_ref, what_exists
 
             client = store
             try:
                 ref = resolve_model_ref(client, model_uri)
             except Exception as e:  # noqa: BLE001 - unknown name/alias/version
-                raise EvalError(f"cannot resolve model {model_uri!r} in {tracking_uri}: {e}") from e
+                hint = what_exists(client, model_uri)
+                raise EvalError(
+                    f"cannot resolve model {model_uri!r} in {tracking_uri}: {e}"
+                    + (f" ({hint})" if hint else "")
+                ) from e
         if promote and (ref is None or not ref.name):
             raise EvalError(
                 f"--promote {promote} needs a registered model URI (models:/name/N or "

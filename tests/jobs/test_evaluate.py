@@ -411,6 +411,16 @@ def test_promote_needs_a_registered_model_and_bad_uris_are_recorded(
     exp = client.get_experiment_by_name("mast-eval")
     failed = client.search_runs([exp.experiment_id], "attributes.status = 'FAILED'")
     assert any("models:/mast-eval-test@nope" in r.data.tags["error"] for r in failed)
+    # An unknown alias or model names what exists, logging on or off.
+    for extra in ([], ["mlflow.enabled=false"]):
+        with pytest.raises(EvalError, match=r"aliases of mast-eval-test: .*versions: 1, 2"):
+            main(
+                parse_args(
+                    ["--model", "models:/mast-eval-test@nope", *args[2:6], *args[8:], *extra]
+                )
+            )
+        with pytest.raises(EvalError, match="registered models in this store: mast-eval-test"):
+            main(parse_args(["--model", "models:/other@x", *args[2:6], *args[8:], *extra]))
 
 
 def test_an_evaluation_done_before_is_reused_unless_forced(davis_root, checkpoint, tmp_path):
