@@ -146,6 +146,11 @@ def log_evaluation(
     }
     if ref.name:
         tags |= {"model_name": ref.name, "model_version": ref.version}
+    tags[keys.RUN_DESCRIPTION] = (
+        f"DAVIS {summary['split']} evaluation of {ref.uri} ({summary['scope']}, "
+        f"{summary['scored']}/{summary['requested']} sequences scored, set {summary['davis_set']})"
+        + (f": {scores_line(scores)}" if scores else ": nothing scored")
+    )
     status = "FINISHED" if scores is not None else "FAILED"
     with mlflow.start_run(
         experiment_id=exp_id, run_name=f"eval-{label}-{summary['split']}", tags=tags
@@ -226,6 +231,17 @@ def tag_model_version(
     }
     for key, value in tags.items():
         client.set_model_version_tag(ref.name, ref.version, key, value)
+    # The version's description ends with its latest full result on this split.
+    description = client.get_model_version(ref.name, ref.version).description or ""
+    marker = f" | DAVIS {ev.split}"
+    description = (
+        description.split(marker)[0] + f"{marker} set {ev.davis_set}: {scores_line(scores)}"
+    )
+    client.update_model_version(ref.name, ref.version, description=description.lstrip(" |"))
+
+
+def scores_line(scores: dict[str, float]) -> str:
+    return f"J&F {scores['J&F-Mean']:.3f} (J {scores['J-Mean']:.3f}, F {scores['F-Mean']:.3f})"
 
 
 @dataclasses.dataclass(frozen=True)

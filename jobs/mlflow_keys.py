@@ -21,6 +21,9 @@ ROLE = "mast.role"
 STAGE = "mast.stage"
 ROLE_PARENT, ROLE_STAGE = "parent", "stage"
 
+# MLflow's own tag for a run's description (what its UI shows and edits as "Description").
+RUN_DESCRIPTION = "mlflow.note.content"
+
 # Tags of a stage's run: lineage, and what a resume or a corrupt input did.
 DATA_HASH = "data.hash"
 DATA_NUM_SAMPLES = "data.num_samples"

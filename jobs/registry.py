@@ -85,9 +85,10 @@ def register_stage_model(
     state: dict[str, Any],
     example: dict[str, Any],
     tags: dict[str, str],
+    description: str = "",
 ) -> int:
-    """Log the stage's model files to its run, register a new version of them, tag it, move
-    `<stage>-latest`."""
+    """Log the stage's model files to its run, register a new version of them, tag it and
+    describe it (the run too), move `<stage>-latest`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -121,8 +122,11 @@ def register_stage_model(
             raise
     version = client.create_model_version(
         model_name, f"models:/{logged.model_id}", run_id=run_id, tags=tags,
-        model_id=logged.model_id,
+        model_id=logged.model_id, description=description or None,
     )  # fmt: skip
+    if description:  # the run's description in the MLflow UI
+        client.set_tag(run_id, keys.RUN_DESCRIPTION, f"{description}; registered as "
+                       f"{model_name} version {version.version}")  # fmt: skip
     alias = keys.latest_alias(stage)
     client.set_registered_model_alias(model_name, alias, version.version)
     log.info("registered %s version %s (alias %s)", model_name, version.version, alias)
@@ -275,5 +279,18 @@ def register_stage(
         return version
     return register_stage_model(
         uri=uri, run_id=run_id, model_name=name, stage=cfg.stage, state=state, example=example,
-        tags=tags,
+        tags=tags, description=stage_description(cfg, state, run_name, data_hash),
     )  # fmt: skip
+
+
+def stage_description(
+    cfg: TrainConfig, state: dict[str, Any], run_name: str, data_hash: str
+) -> str:
+    """One line a person reads on the version's and the run's page."""
+    loss = state.get("metrics", {}).get("loss")
+    return (
+        f"MAST {cfg.stage} stage of training run {run_name!r}: {state['step']} steps, batch "
+        f"{cfg.loader.batch_size} x {max(1, cfg.scaling.num_workers)} workers, "
+        f"{cfg.loader.crop_size}px crops, on data {data_hash[:12]}"
+        + (f"; final loss {loss:.4g}" if loss is not None else "")
+    )

@@ -273,6 +273,14 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     )
     assert v1.tags[version_tag("val", "scope")] == "full"
     assert v1.tags[version_tag("val", "run_id")] == run.info.run_id
+    line = "J&F {:.3f} (J {:.3f}, F {:.3f})".format(
+        *(first["scores"][k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))
+    )
+    assert v1.description == f"DAVIS val set {first['davis_set']}: {line}"
+    assert run.data.tags["mlflow.note.content"] == (
+        f"DAVIS val evaluation of models:/mast-eval-test/1 (full, 2/2 sequences scored, set "
+        f"{first['davis_set']}): {line}"
+    )
     # The numbers also sit on the version's LoggedModel page (MLflow 3).
     logged = client.get_logged_model(str(v1.source).removeprefix("models:/"))
     linked = {m.key: m.value for m in logged.metrics}

@@ -205,6 +205,14 @@ def test_a_version_is_plain_files_and_registering_it_again_finds_it(uri, tmp_pat
     assert mv.source.startswith("models:/m-") and mv.run_id == run_id  # an MLflow 3 logged model
     assert client.get_logged_model(mv.source.removeprefix("models:/")).source_run_id == run_id
     assert mv.tags["step"] == "4" and mv.tags["data_hash"] == "ab" * 32
+    # Described for a person: the version and its run say what was trained on what.
+    said = f"MAST pretrain stage of training run 'files': 4 steps, batch {cfg.loader.batch_size}"
+    assert (
+        mv.description.startswith(said) and "on data abababababab; final loss 0.5" in mv.description
+    )
+    run_said = client.get_run(run_id).data.tags["mlflow.note.content"]  # its latest version
+    assert run_said.startswith(said.replace("4 steps", "6 steps"))
+    assert run_said.endswith("; registered as mast-files version 2")
     # Version 2 came from the same run: its own files; version 1's stay as they were.
     assert client.get_model_version("mast-files", "2").source != mv.source
     for version, step in ((1, 4), (2, 6)):
