@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tqdm import tqdm
-
 from jobs.eval_config import EvalConfig
 from jobs.eval_sequence import SequenceResult, run_sequence_task
+from pipeline.progress import progress as progress_bar
+from pipeline.ray_local import init_ray
 from typedconfig import to_dict
 
 
@@ -27,8 +27,7 @@ def run_ray(state, root, names, output, cfg, progress: Callable[[], None]) -> li
     """One task per sequence, at most ray.max_in_flight at once; results in `names` order."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, log_to_driver=False)
+    init_ray(cfg.ray.address, dashboard=False, log_to_driver=False)
     options: dict[str, Any] = {
         "num_cpus": cfg.ray.num_cpus,
         "num_gpus": cfg.ray.num_gpus,
@@ -55,6 +54,6 @@ def run_ray(state, root, names, output, cfg, progress: Callable[[], None]) -> li
 
 
 def run_sequences(state, root, names, output, cfg: EvalConfig) -> list[SequenceResult]:
-    with tqdm(total=len(names), desc="DAVIS sequences", unit="seq") as bar:
+    with progress_bar(total=len(names), desc="DAVIS sequences", unit="seq") as bar:
         runner = run_ray if cfg.ray.enabled else run_local
         return runner(state, root, names, output, cfg, lambda: bar.update(1))
