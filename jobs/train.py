@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from typing import Any
 
+from jobs import mlflow_keys as keys
 from jobs.checkpoint import CheckpointError
 from jobs.ray_fit import TrainingError, start_ray
 from jobs.stage_dir import StageDir
@@ -85,6 +87,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     return outputs
 
 
+def summary_table(out: dict[str, Any]) -> str:
+    """The stages this run trained, as a person reads them at the end of the job."""
+    rows = [("stage", "version", "alias", "final checkpoint")]
+    rows += [
+        (stage, str(v["version"] or "-"), keys.latest_alias(stage) if v["version"] else "-",
+         str(v["checkpoint"]))
+        for stage, v in out.items()
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    last = next(reversed(out)) if out else ""
+    evaluate = (
+        f"python -m jobs.evaluate --model models:/{keys.MODEL_NAME}@{keys.latest_alias(last)} "
+        "--davis-root DAVIS"
+    )
+    return "\n".join(["", "trained:", *lines, "", f"next: {evaluate}"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train",
@@ -118,8 +138,11 @@ if __name__ == "__main__":
         out = main(parse_args())
     except (ConfigError, CheckpointError, TrackingError, TrainingError) as e:
         raise SystemExit(f"error: {e}") from None
+    # Scripts read the JSON line on stdout; a person reads the table after it, on stderr.
     print(
         json.dumps(
             {k: {"version": v["version"], "checkpoint": v["checkpoint"]} for k, v in out.items()}
-        )
+        ),
+        flush=True,
     )
+    print(summary_table(out), file=sys.stderr)
