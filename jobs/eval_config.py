@@ -85,6 +85,11 @@ class EvalConfig:
     overlay: Literal["gif", "strip", "none"] = "gif"
     overlay_frames: int = 8  # frames shown per sequence picture
     overlay_width: int = 320  # picture width per frame, pixels
+    # Cosine-affinity temperature of `--model baseline:colour` (MAST_NOTES protocols: CRW 0.05).
+    colour_temperature: float = 0.05
+    # Also score baseline:colour on the same set and options (reused once scored) and report
+    # the model's J&F beside it, with the difference: did the model learn more than colour?
+    compare_colour: bool = True
     propagation: PropagationConfig = dataclasses.field(default_factory=PropagationConfig)
     ray: RayEvalConfig = dataclasses.field(default_factory=RayEvalConfig)
     mlflow: EvalMlflowConfig = dataclasses.field(default_factory=EvalMlflowConfig)
@@ -97,5 +102,6 @@ class EvalConfig:
         positive(self.bound_th, "bound_th")
         positive(self.overlay_frames, "overlay_frames")
         positive(self.overlay_width, "overlay_width")
+        positive(self.colour_temperature, "colour_temperature")
         if len(set(self.sequences)) != len(self.sequences):
             raise ConfigError(f"sequences={list(self.sequences)} names a sequence twice")

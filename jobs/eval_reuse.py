@@ -41,6 +41,8 @@ def model_digest(state: dict[str, Any]) -> str:
     tensor's name, dtype, shape and bytes."""
     import torch
 
+    if "model" not in state:  # a baseline (jobs.eval_sequence.baseline_state): its settings
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
     digest = hashlib.sha256(json.dumps(state.get("model_args", {}), sort_keys=True).encode())
     for name, tensor in sorted(state["model"].items()):
         t = tensor.detach().cpu().contiguous()

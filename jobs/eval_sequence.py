@@ -79,10 +79,13 @@ def check_labels(name: str, first_mask: np.ndarray, cfg: PropagationConfig) -> N
 
 
 def predict(
-    model: torch.nn.Module, images: np.ndarray, first_mask: np.ndarray, cfg: PropagationConfig
+    model: torch.nn.Module,
+    images: np.ndarray,
+    first_mask: np.ndarray,
+    cfg: PropagationConfig,
+    device: str = "cpu",
 ) -> np.ndarray:
     """(T, H, W) uint8 predicted ids; frame 0 is the ground truth (as DAVIS results are)."""
-    device = next(model.parameters()).device
     frames = stored_lab(images).to(device)
     labels = model.propagate(
         frames,
@@ -167,7 +170,7 @@ def evaluate_sequence_files(
         if len(files.images) < 3:
             raise DavisError(f"{name}: {len(files.images)} frames; DAVIS scoring needs >= 3")
         check_labels(name, gt[0], cfg.propagation)
-        pred = predict(model, images, gt[0], cfg.propagation)
+        pred = predict(model, images, gt[0], cfg.propagation, cfg.device)
         out_dir = Path(output) / name
         for frame_id, labels in zip(files.frame_ids, pred):
             write_mask(out_dir / f"{frame_id}.png", labels)
@@ -187,18 +190,33 @@ def evaluate_sequence_files(
     return result
 
 
+BASELINE_KEY = "baseline"  # in the state of a baseline (jobs.evaluate: --model baseline:NAME)
+
+
+def baseline_state(name: str, temperature: float) -> dict[str, Any]:
+    """What stands for a model's checkpoint dict when a baseline is evaluated."""
+    return {BASELINE_KEY: name, "temperature": temperature}
+
+
+def build_model(state: dict[str, Any]) -> torch.nn.Module:
+    """The MAST of a checkpoint dict, or the baseline a `baseline_state` names."""
+    from model import MAST, build_baseline
+
+    if BASELINE_KEY in state:
+        return build_baseline(state[BASELINE_KEY], state["temperature"])
+    return MAST.from_state(state)
+
+
 def run_sequence_task(
     state: dict[str, Any], root: str, name: str, output: str, cfg_dict: dict[str, Any]
 ) -> SequenceResult:
     """Task boundary (Ray or local): build the model from its checkpoint dict and evaluate one
     sequence. Any unexpected error is recorded in the result, never raised."""
-    from model import MAST
-
     cfg = from_dict(EvalConfig, cfg_dict)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.propagation.torch_threads)
     try:
-        model = MAST.from_state(state).eval().to(cfg.device)
+        model = build_model(state).eval().to(cfg.device)
         return evaluate_sequence_files(model, root, name, output, cfg)
     except Exception as e:  # noqa: BLE001 - task boundary: record, let other sequences run
         log.error("sequence %s crashed:\n%s", name, traceback.format_exc())

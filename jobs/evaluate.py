@@ -39,10 +39,11 @@ from typing import Any
 import storage
 from davis.io import DavisError, check_sequence_name, read_split, write_results_csvs
 from davis.metrics import global_scores
+from jobs.eval_baselines import BASELINE_PREFIX, compare_colour
 from jobs.eval_config import EvalConfig
 from jobs.eval_fanout import run_sequences
 from jobs.eval_reuse import SUMMARY_FILE, eval_key, find_reusable, model_digest
-from jobs.eval_sequence import SequenceResult
+from jobs.eval_sequence import SequenceResult, baseline_state
 from storage import atomic_path
 from typedconfig import ConfigError, config_help, load_config
 
@@ -87,10 +88,21 @@ def open_store(configured: str, model_uri: str) -> tuple[str, Any]:
     return uri, client
 
 
-def load_model_state(uri: str, tracking_uri: str = "") -> dict[str, Any]:
-    """The checkpoint dict behind a models:/, runs:/ URI or a local checkpoint path."""
+def load_model_state(uri: str, tracking_uri: str = "", cfg: EvalConfig | None = None) -> dict:
+    """The checkpoint dict behind a models:/, runs:/ URI or a local checkpoint path, or what
+    stands for a baseline (`baseline:colour`, `baseline:copy-first`)."""
     from jobs.registry import load_state
     from jobs.tensor_files import CheckpointError
+    from model import BASELINES
+
+    if uri.startswith(BASELINE_PREFIX):
+        name = uri.removeprefix(BASELINE_PREFIX)
+        if name not in BASELINES:
+            raise EvalError(
+                f"unknown baseline {uri!r}; choose one of "
+                f"{[BASELINE_PREFIX + b for b in BASELINES]}"
+            )
+        return baseline_state(name, (cfg or EvalConfig()).colour_temperature)
 
     where = f" from the MLflow store {tracking_uri}" if reads_registry(uri) else ""
     try:
@@ -207,7 +219,7 @@ def evaluate(
                 f"--promote {promote} needs a registered model URI (models:/name/N or "
                 f"models:/name@alias) and MLflow enabled, got {model_uri!r}"
             )
-        state = load_model_state(model_uri, tracking_uri)
+        state = load_model_state(model_uri, tracking_uri, cfg)
     except EvalError as e:
         if cfg.mlflow.enabled:
             from jobs.eval_mlflow import log_failed_run
@@ -223,6 +235,7 @@ def evaluate(
             log.info("reusing the evaluation in %s (same model, data and options; --force "
                      "evaluates again)", where)  # fmt: skip
             reused["reused"] = where
+            reused["model_uri"] = model_uri
             return finish(reused, cfg, client, ref, promote, output)
     log.info(
         "evaluating %s on %d sequences of %s (%s)", model_uri, len(names), davis_root, cfg.split
@@ -232,6 +245,7 @@ def evaluate(
     results = run_sequences(state, Path(davis_root).absolute(), names, output, cfg)
     summary = summarise(results, cfg, davis_root, split_size, davis_set)
     summary["eval_key"] = key
+    summary["model_uri"] = model_uri
     objects = [o for r in results if r.ok for o in r.objects]
     scores = global_scores(objects) if objects else None
     artifacts = list(write_results_csvs(output, cfg.split, objects)) if objects else []
@@ -252,11 +266,16 @@ def evaluate(
 
 
 def finish(summary: dict, cfg: EvalConfig, client, ref, promote: str, output: Path) -> dict:
-    """Tag the model version, decide a promotion, report, write summary.json last (and log
-    it with the run, where a later identical evaluation finds it); for a new result and a
-    reused one alike."""
+    """Compare with the colour baseline, tag the model version, decide a promotion, report,
+    write summary.json last (and log it with the run, where a later identical evaluation
+    finds it); for a new result and a reused one alike."""
     scores, run_id = summary["scores"], summary.get("mlflow_run_id")
     summary.pop("promotion", None)  # a reused summary's decision was about another holder
+    summary["colour_baseline"] = compare_colour(
+        summary["model_uri"], summary["davis_root"], cfg, output, summary
+    )
+    if run_id and summary["colour_baseline"] and cfg.mlflow.enabled and "reused" not in summary:
+        client.log_metric(run_id, "JF-Mean_minus_colour", summary["colour_baseline"]["difference"])
     if cfg.mlflow.enabled and run_id:
         from jobs.eval_mlflow import EvalSet, tag_model_version
         from jobs.eval_mlflow import promote as promote_alias
@@ -287,6 +306,13 @@ def report(summary: dict) -> None:
             summary["scored"],
             summary["requested"],
         )
+    colour = summary.get("colour_baseline")
+    if colour:
+        log.info(
+            "colour baseline (no network) J&F %.3f: the model is %+.3f J&F %s it",
+            colour["J&F-Mean"], colour["difference"],
+            "above" if colour["difference"] > 0 else "at or below",
+        )  # fmt: skip
     if summary["failed"]:
         log.error("%d sequence(s) FAILED:", len(summary["failed"]))
         for f in summary["failed"]:

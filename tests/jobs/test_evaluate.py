@@ -22,7 +22,7 @@ from davis.io import (
     write_mask,
     write_results_csvs,
 )
-from davis.metrics import evaluate_sequence
+from davis.metrics import evaluate_sequence, global_scores
 from jobs.eval_config import EvalConfig
 from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion
 from jobs.evaluate import EvalError, cli, davis_set_id, evaluate, main, parse_args
@@ -72,6 +72,7 @@ def local_cfg(output, *extra):
             "ray.enabled=false",
             "mlflow.enabled=false",
             "propagation.radius=4",
+            "compare_colour=false",  # its own test below
             *extra,
         ],
     )
@@ -248,6 +249,7 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
         "--model", "models:/mast-eval-test/1", "--davis-root", str(davis_root),
         "--output", str(tmp_path / "v1"), "--promote", "champion",
         "ray.enabled=false", "propagation.radius=4", f"mlflow.tracking_uri={registry}",
+        "compare_colour=false",
     ]  # fmt: skip
     first = main(parse_args(args))
     assert (
@@ -456,7 +458,7 @@ def test_a_logged_evaluation_is_reused_from_mlflow_without_a_new_run(
     args = [
         "--model", "models:/mast-eval-test/2", "--davis-root", str(davis_root),
         "--output", str(tmp_path / "a"), "ray.enabled=false", "propagation.radius=4",
-        f"mlflow.tracking_uri={registry}", "mlflow.experiment=reuse",
+        f"mlflow.tracking_uri={registry}", "mlflow.experiment=reuse", "compare_colour=false",
     ]  # fmt: skip
 
     def runs():
@@ -482,3 +484,44 @@ def test_a_logged_evaluation_is_reused_from_mlflow_without_a_new_run(
     assert main(parse_args(as_file))["mlflow_run_id"] == first["mlflow_run_id"]
     third = main(parse_args([*args, "--force"]))
     assert len(runs()) == 2 and third["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+def test_every_evaluation_reports_the_colour_baseline_beside_the_model(
+    davis_root, checkpoint, registry, tmp_path
+):
+    client = MlflowClient(registry, registry_uri=registry)
+    common = [
+        "--davis-root", str(davis_root), "ray.enabled=false", "propagation.radius=4",
+        f"mlflow.tracking_uri={registry}", "mlflow.experiment=colour",
+    ]  # fmt: skip
+
+    def runs():
+        exp = client.get_experiment_by_name("colour")
+        return {r.data.tags["model_uri"] for r in client.search_runs([exp.experiment_id])}
+
+    out = tmp_path / "model"
+    model = main(parse_args(["--model", str(checkpoint), "--output", str(out), *common]))
+    colour = model["colour_baseline"]
+    assert runs() == {str(checkpoint), "baseline:colour"}  # each its own evaluation run
+    base = json.loads((out / "_baseline_colour" / "summary.json").read_text())
+    assert colour["J&F-Mean"] == base["scores"]["J&F-Mean"] and 0 < colour["J&F-Mean"] <= 1
+    assert colour["difference"] == pytest.approx(model["scores"]["J&F-Mean"] - colour["J&F-Mean"])
+    logged = client.get_run(model["mlflow_run_id"]).data.metrics["JF-Mean_minus_colour"]
+    assert logged == pytest.approx(colour["difference"])
+    # The baseline asked for by name is that same evaluation (same set and options): reused.
+    direct = main(
+        parse_args(["--model", "baseline:colour", "--output", str(tmp_path / "c"), *common])
+    )
+    assert direct["mlflow_run_id"] == colour["mlflow_run_id"] and direct["colour_baseline"] is None
+    # Copy-first scores what copying the first annotation scores, computed independently.
+    copy = main(
+        parse_args(["--model", "baseline:copy-first", "--output", str(tmp_path / "f"), *common])
+    )
+    objects = []
+    for name in GOOD:
+        gt = np.stack([read_mask(p) for p in sequence_files(davis_root, name).masks])
+        objects += evaluate_sequence(name, gt, np.repeat(gt[:1], len(gt), axis=0))
+    assert copy["scores"] == pytest.approx(global_scores(objects))
+    assert len(runs()) == 3
+    with pytest.raises(EvalError, match=r"unknown baseline 'baseline:x'; choose one of"):
+        main(parse_args(["--model", "baseline:x", "--output", str(tmp_path / "x"), *common]))
