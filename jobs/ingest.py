@@ -41,6 +41,7 @@ import storage
 from pipeline.config import IngestConfig
 from pipeline.distributor import placeable, ray_may_grow, run_shards
 from pipeline.manifest import MANIFEST, build_manifest, read_manifest
+from pipeline.ray_local import init_ray
 from pipeline.reader import InputError, list_videos
 from pipeline.sharding import ASSIGNMENT, AssignmentError, ShardSpec, assign
 from pipeline.summary import summary_table
@@ -271,12 +272,8 @@ def _run(
     args: argparse.Namespace, cfg: IngestConfig, videos: list[str], lock: storage.OutputLock
 ) -> int:
     def start_ray() -> None:
-        import ray
-
-        if not ray.is_initialized():
-            # A cluster named by RAY_ADDRESS is joined as it is; otherwise a local one starts.
-            local = {} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}
-            ray.init(log_to_driver=False, **local)
+        # The cluster RAY_ADDRESS (or `ray start`) names is joined; else a local one starts.
+        init_ray(dashboard=False, log_to_driver=False)
         check_task_cpus(cfg, may_grow=ray_may_grow())
 
     try:

@@ -4,7 +4,6 @@ and run one stage as a Ray Train TorchTrainer fit."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -15,6 +14,7 @@ from jobs.train_data import DataInfo
 from jobs.train_loop import train_loop_per_worker
 from jobs.worker import LoopConfig
 from pipeline.distributor import placeable, ray_may_grow
+from pipeline.ray_local import init_ray
 from storage import Location
 from typedconfig import ConfigError, to_dict
 
@@ -33,8 +33,7 @@ def start_ray(cfgs: list[TrainConfig]) -> None:
         return
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    init_ray()  # a local instance of its own, or the cluster RAY_ADDRESS / `ray start` names
     may_grow = ray_may_grow()
     for cfg in cfgs:
         if cfg.scaling.num_workers > 0:
@@ -81,7 +80,7 @@ def run_stage(
     """One Ray Train fit; returns (final checkpoint dir, final metrics)."""
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     where = StageDir.of(cfg, run_name)
@@ -118,6 +117,9 @@ def run_stage(
             storage_path=str(where.path.parent),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            # Ray Train's INFO lines (every report, every checkpoint, resource requests) were
+            # ~60 lines per demo; ours say step, loss and checkpoint. Its session logs keep all.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     try:

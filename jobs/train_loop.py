@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from jobs import mlflow_keys as keys
 from jobs.checkpoint import (
@@ -40,6 +39,7 @@ from jobs.rank_zero import RankZeroTracker
 from jobs.stage_dir import checkpoint_name, final_files
 from jobs.tensor_files import kill_hook
 from jobs.worker import InjectedFault, LoopConfig, Worker, build_optimizer, select_device
+from pipeline.progress import progress as progress_bar
 from typedconfig import to_dict
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,13 @@ def train_steps(worker: Worker, start_step: int) -> dict[str, Any]:
     stage = cfg.loader.stage
     node = ray.util.get_node_ip_address()
     # Rank 0 shows progress; every log line says stage, step, node and rank.
-    progress = tqdm(
+    # A bar on a terminal (local mode); plain periodic lines from a Ray worker.
+    progress = progress_bar(
         total=cfg.schedule.steps,
-        initial=start_step,
         desc=f"{stage} (node {node})",
         unit="step",
-        disable=rank != 0,
-        mininterval=5.0,
+        enabled=rank == 0,
+        initial=start_step,
     )
     model.train()
     for step in range(start_step, cfg.schedule.steps):

@@ -22,9 +22,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.config import IngestConfig
+from pipeline.progress import progress as progress_bar
 from pipeline.sharding import ShardSpec
 from pipeline.worker import process_shard
 from typedconfig import to_dict
@@ -83,8 +82,8 @@ def run_shards(
     poll = min(1.0, cfg.task_timeout_s) if cfg.task_timeout_s else 1.0  # timeout resolution
     done: list[dict[str, Any]] = []
     errors: dict[int, str] = {}
-    bar = tqdm(
-        total=sum(len(s.videos) for s in shards), unit="video", disable=not progress, smoothing=0.1
+    bar = progress_bar(
+        total=sum(len(s.videos) for s in shards), desc="videos", unit="video", enabled=progress
     )
     clips = failures = skipped = 0
     start = time.perf_counter()
