@@ -10,7 +10,8 @@ Which job configs run, and the overrides that size them, are in configs/demo.yam
             stage here), each stage registered in MLflow as a version of `mast`
 4. sample   python -m davis.sample -> <root>/davis (DAVIS-format, real textures)
 5. evaluate python -m jobs.evaluate on the trained model (promoted to @champion if it wins),
-            and on two baselines: the same model untrained, and copying the first-frame mask
+            which also scores the colour baseline (raw Lab colour matching through the same
+            memory read: what the model must beat), and on copying the first-frame mask
 6. summary  a table of data, stages, registered versions and J&F, and the MLflow UI command
 
 Every step is the command a user would type, run as a subprocess against a local Ray
@@ -29,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from jobs import mlflow_keys as keys
+from jobs.eval_baselines import COLOUR_DIR
 from pipeline.manifest import MANIFEST, read_manifest
 from storage import SAMPLE_VIDEOS, sample_video_dir
 
@@ -66,36 +67,6 @@ def build_corpus(root: Path) -> list[Path]:
             target.with_suffix(".part").rename(target)
         videos.append(target)
     return videos
-
-
-def save_untrained(state_uri: str, tracking_uri: str, path: Path) -> None:
-    """The trained model's architecture with fresh weights (seed 0): the 'untrained' baseline."""
-    import torch
-
-    from jobs.registry import load_state
-    from jobs.tensor_files import tensor_bytes, write_file
-    from model import MAST
-
-    if path.exists():
-        return
-    args = load_state(state_uri, tracking_uri)["model_args"]
-    torch.manual_seed(0)
-    model = MAST(**args)
-    # Tensors and plain values only (jobs.evaluate loads it with weights_only=True), atomic.
-    write_file(path, tensor_bytes({"model_args": model.model_args, "model": model.state_dict()}))
-
-
-def copy_first_frame_baseline(davis_root: Path, split: str) -> dict[str, float]:
-    """J&F of predicting every frame as the first annotation (the trivial baseline)."""
-    from davis.io import read_sequence, read_split, sequence_files
-    from davis.metrics import evaluate_sequence, global_scores
-
-    objects = []
-    for name in read_split(davis_root, split):
-        _, masks = read_sequence(sequence_files(davis_root, name))
-        first = np.where(masks[0] == 255, 0, masks[0])
-        objects += evaluate_sequence(name, masks, np.repeat(first[None], len(masks), axis=0))
-    return global_scores(objects)
 
 
 def registry_rows(tracking_uri: str) -> list[dict[str, str]]:
@@ -186,34 +157,22 @@ def main(args: argparse.Namespace) -> dict:
             env,
         )  # fmt: skip
     trained_uri = f"models:/{keys.MODEL_NAME}@{keys.latest_alias('dynamic')}"
-    untrained = root / "untrained.pt"
-    save_untrained(trained_uri, tracking_uri, untrained)
     evaluations = {}
     for label, model_uri, extra in [
-        ("trained", trained_uri, ["--promote", keys.CHAMPION]),
-        ("untrained", str(untrained), ["mlflow.enabled=false"]),
+        ("trained", trained_uri, ["--promote", keys.CHAMPION]),  # scores the colour baseline too
+        ("copy first frame", "baseline:copy-first", []),
     ]:
-        out = root / "eval" / label
+        out = root / "eval" / label.replace(" ", "-")
         timings[f"evaluate {label}"] = run(
             f"evaluate {label}",
-            [
-                py,
-                "-m",
-                "jobs.evaluate",
-                "--model",
-                model_uri,
-                "--davis-root",
-                str(davis),
-                "--output",
-                str(out),
-                "--config",
-                plan["evaluate"]["config"],
-                *extra,
-            ],
+            [py, "-m", "jobs.evaluate", "--model", model_uri, "--davis-root", str(davis),
+             "--output", str(out), "--config", plan["evaluate"]["config"], *extra],
             env,
-        )
+        )  # fmt: skip
         evaluations[label] = _read_global(out / "global_results-val.csv")
-    evaluations["copy first frame"] = copy_first_frame_baseline(davis, "val")
+        if label == "trained":  # raw Lab colour matching through the same memory read
+            colour = out / COLOUR_DIR / "global_results-val.csv"
+            evaluations["colour (no network)"] = _read_global(colour)
 
     manifest = read_manifest(str(shards / MANIFEST))
     print("\n== Demo summary")
@@ -224,22 +183,60 @@ def main(args: argparse.Namespace) -> dict:
     print(f"\nregistered model versions of {keys.MODEL_NAME!r} (one per stage):")
     print(table(registry_rows(tracking_uri), ["version", "stage", "final_loss", "J&F", "aliases"]))
     print("\nDAVIS-format sample set (val), official J&F protocol:")
+    colour_jf = evaluations["colour (no network)"]["J&F-Mean"]
     rows = [
         {
             "model": k,
             "J&F": f"{v['J&F-Mean']:.3f}",
             "J": f"{v['J-Mean']:.3f}",
             "F": f"{v['F-Mean']:.3f}",
+            "vs colour": f"{v['J&F-Mean'] - colour_jf:+.3f}",
         }
         for k, v in evaluations.items()
     ]
-    print(table(rows, ["model", "J&F", "J", "F"]))
+    print(table(rows, ["model", "J&F", "J", "F", "vs colour"]))
     print("\nstep times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"total: {time.perf_counter() - start:.0f}s")
-    print(
-        f"\nopen the MLflow UI:\n  {Path(py).parent / 'mlflow'} ui --backend-store-uri {tracking_uri}"
-    )
-    return {"evaluations": evaluations, "timings": timings}
+    commands = next_commands(root, tracking_uri, plan, args.run_name)
+    print(f"\n{NEXT_HEADER}\n" + "\n".join(f"  {c}" for c in commands))
+    return {"evaluations": evaluations, "timings": timings, "next": commands}
+
+
+NEXT_HEADER = "next: these commands work as printed (copy them into a shell):"
+
+
+def shown(path: str | Path) -> str:
+    """A program path as a user in the project folder types it: relative when under it."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(PROJECT))
+    except ValueError:
+        return str(path)
+
+
+def next_commands(root: Path, tracking_uri: str, plan: dict, run_name: str) -> list[str]:
+    """The commands that pick up where the demo stopped, with its MLflow store set: the
+    registered models live there, not in the default store (runs/mlflow) that the jobs use
+    when MLFLOW_TRACKING_URI is unset. A test runs them as printed."""
+    py = shown(sys.executable)
+    bin_dir = shown(Path(sys.executable).parent)
+    champion = f"models:/{keys.MODEL_NAME}@{keys.CHAMPION}"
+    return [
+        f"cd {PROJECT}",
+        f"export MLFLOW_TRACKING_URI={tracking_uri}",
+        f"{py} -m jobs.evaluate --model {champion} --davis-root {root / 'davis'} "
+        f"--config {plan['evaluate']['config']} --output {root / 'eval' / 'champion'}",
+        " ".join(
+            [
+                f"{py} -m jobs.train --config {plan['train']['config']}",
+                f"--stages {','.join(plan['train']['stages'])}",
+                f"--data {root / 'shards' / MANIFEST} --run-name {run_name}",
+                f"storage_path={root / 'ray'}",
+                *plan["train"]["overrides"],
+            ]
+        ),
+        f"{bin_dir}/mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI --port 5000",
+    ]
 
 
 def _read_global(csv_path: Path) -> dict[str, float]:

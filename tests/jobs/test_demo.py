@@ -1,7 +1,12 @@
 """`make demo` end to end at smoke size: the real job commands, Ray, MLflow on SQLite."""
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,7 +30,7 @@ def test_demo_runs_end_to_end_and_reruns_from_what_is_done(tmp_path):
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     summary = first.stdout[first.stdout.index("== Demo summary") :]
-    for row in ("trained", "untrained", "copy first frame", "mlflow ui --backend-store-uri"):
+    for row in ("trained", "colour (no network)", "copy first frame", "vs colour", "mlflow ui"):
         assert row in summary
     uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -34,8 +39,59 @@ def test_demo_runs_end_to_end_and_reruns_from_what_is_done(tmp_path):
     aliases = client.get_registered_model("mast").aliases
     assert {"pretrain-latest", "main-latest", "dynamic-latest"} <= set(aliases)
     assert (root / "eval" / "trained" / "global_results-val.csv").is_file()
-    # A rerun reuses shards and finished stages: no new model versions.
+    evaluations = client.search_runs(
+        [client.get_experiment_by_name("mast-eval-demo").experiment_id],
+        "tags.`mast.role` = 'evaluation'",
+    )
+    models = sorted(r.data.tags["model_uri"] for r in evaluations)
+    assert models == ["baseline:colour", "baseline:copy-first", "models:/mast@dynamic-latest"]
+    # A rerun reuses shards, finished stages and the evaluations: no new versions or runs.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stderr + again.stdout
+    assert (
+        again.stdout.count("reusing the evaluation") + again.stderr.count("reusing the evaluation")
+        == 3  # the trained model, the colour baseline beside it, copy-first
+    )
     assert len(client.search_model_versions("name='mast'")) == 3
+    assert len(client.search_runs([evaluations[0].info.experiment_id])) == 3
+    run_next_commands(first.stdout, root)
+
+
+def run_next_commands(stdout: str, root) -> None:
+    """The commands the summary prints after NEXT_HEADER, run as printed in one shell; the
+    MLflow UI (a server) must answer its health check."""
+    from jobs.demo import NEXT_HEADER
+
+    lines = stdout[stdout.index(NEXT_HEADER) + len(NEXT_HEADER) :].splitlines()
+    commands = [ln.strip() for ln in lines if ln.startswith("  ")]
+    assert commands[0] == f"cd {ROOT}" and commands[1].startswith("export MLFLOW_TRACKING_URI=")
+    *jobs, ui = commands
+    assert ui.endswith("--port 5000")
+    port = free_port()
+    script = "\n".join(["set -e", *jobs, f"exec {ui.replace('--port 5000', f'--port {port}')}"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_"))}
+    with subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as proc:  # fmt: skip
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(1)
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # the UI server and its workers
+            output = proc.communicate(timeout=60)[0]
+    # The evaluation of the champion was the demo's own, reused; the training was finished.
+    assert "reusing the evaluation" in output and "already finished" in output, output[-3000:]
+    assert (root / "eval" / "champion" / "global_results-val.csv").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
