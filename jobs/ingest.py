@@ -244,6 +244,11 @@ def check_task_cpus(cfg: IngestConfig, may_grow: bool) -> None:
     log.warning("%s: tasks wait until a node that large joins the cluster", message)
 
 
+def fail(error: Exception | str) -> None:
+    """One `error: ...` line on stderr, as jobs.train and jobs.evaluate print theirs."""
+    print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -251,18 +256,18 @@ def main(args: argparse.Namespace) -> int:
         check_output(args.output)
         videos = list_videos(args.input, cfg.extensions)  # bad input fails before Ray starts
     except (ConfigError, InputError) as e:
-        log.error("%s", e)
+        fail(e)
         return 1
     lock = storage.OutputLock(storage.join(args.output, LOCK), storage.new_run_id())
     try:
         lock.acquire()  # before Ray starts: a refusal is quick and changes nothing
     except storage.LockHeld as e:
-        log.error("%s", e)
+        fail(e)
         return 3
     try:
         return _run(args, cfg, videos, lock)
     except storage.LockLost as e:
-        log.error("%s", e)
+        fail(e)
         return 3
     finally:
         lock.release()
@@ -287,7 +292,7 @@ def _run(
         url = storage.join(args.output, MANIFEST)
         manifest = read_manifest(url)  # what was written, through the reader training uses
     except (ConfigError, AssignmentError) as e:
-        log.error("%s", e)
+        fail(e)
         return 1
     print(summary_table(manifest, run["_seconds"]))
     if args.verify:
@@ -297,7 +302,11 @@ def _run(
     if manifest.incomplete_shards:
         return 2
     if not manifest.num_samples:
-        log.error("no video gave a clip (manifest 'problems' says why for each)")
+        v = manifest.videos
+        fail(
+            f"no video gave a clip ({v.get('skipped', 0)} skipped, {v.get('failed', 0)} failed: "
+            f"the summary above and {url} 'problems' say why for each); nothing to train on"
+        )
         return 1
     return 0
 

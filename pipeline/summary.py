@@ -16,8 +16,7 @@ def summary_table(manifest: Manifest, seconds: float | None = None, max_rows: in
         f"  videos      {v.get('total', 0):>10}   ok {v.get('ok', 0)}{early}  "
         f"skipped {v.get('skipped', 0)}  failed {v.get('failed', 0)}",
         f"  clips       {manifest.num_samples:>10}   frames {manifest.num_frames}",
-        f"  bytes       {manifest.bytes:>10}   "
-        f"per frame {manifest.bytes / max(manifest.num_frames, 1):.0f}",
+        f"  bytes       {manifest.bytes:>10}   per frame {per_frame(manifest)}",
         f"  content     {manifest.content_hash[:16]}",
     ]
     if seconds:
@@ -33,3 +32,8 @@ def summary_table(manifest: Manifest, seconds: float | None = None, max_rows: in
     for name, err in manifest.incomplete_shards.items():
         lines.append(f"  INCOMPLETE {name}: {err}")
     return "\n".join(lines)
+
+
+def per_frame(manifest: Manifest) -> str:
+    """Bytes per stored frame; "-" when nothing was stored (not the empty tar's 10240)."""
+    return f"{manifest.bytes / manifest.num_frames:.0f}" if manifest.num_frames else "-"

@@ -3,28 +3,25 @@ starts; --help lists every config key with its default."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 from jobs.ingest import main, parse_args
 
 
-def test_bad_input_and_config_fail_fast_with_clear_messages(tmp_path, caplog):
+def test_bad_input_and_config_fail_fast_with_clear_messages(tmp_path, capsys):
+    # One `error: ...` line on stderr, as train and evaluate print theirs (no log timestamp).
     out = str(tmp_path / "out")
-    with caplog.at_level(logging.ERROR):
-        assert main(parse_args(["--input", str(tmp_path / "nope"), "--output", out])) == 1
-    assert "does not exist; pass a directory, a glob" in caplog.text
-    caplog.clear()
+    assert main(parse_args(["--input", str(tmp_path / "nope"), "--output", out])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: input ") and "does not exist; pass a directory, a glob" in err
+    assert err.count("\n") == 1
     (tmp_path / "empty").mkdir()
-    with caplog.at_level(logging.ERROR):
-        assert main(parse_args(["--input", str(tmp_path / "empty"), "--output", out])) == 1
-    assert "names no videos" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        args = ["--input", str(tmp_path), "--output", out, "storage=webp"]
-        assert main(parse_args(args)) == 1
-    assert "storage='webp' is not allowed; choose one of ['jpeg', 'png', 'raw']" in caplog.text
+    assert main(parse_args(["--input", str(tmp_path / "empty"), "--output", out])) == 1
+    assert "names no videos" in capsys.readouterr().err
+    args = ["--input", str(tmp_path), "--output", out, "storage=webp"]
+    assert main(parse_args(args)) == 1
+    err = capsys.readouterr().err
+    assert "error: storage='webp' is not allowed; choose one of ['jpeg', 'png', 'raw']" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -36,22 +33,21 @@ def test_help_lists_config_keys_with_defaults(capsys):
         assert line in text
 
 
-def test_output_that_is_a_file_fails_fast(tmp_path, caplog):
+def test_output_that_is_a_file_fails_fast(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
-    with caplog.at_level(logging.ERROR):
-        assert main(parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "f")])) == 1
+    assert main(parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "f")])) == 1
+    err = capsys.readouterr().err
     assert (
-        f"--output {tmp_path / 'f'} is a file; give a directory path for the shards" in caplog.text
+        f"error: --output {tmp_path / 'f'} is a file; give a directory path for the shards" in err
     )
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        args = ["--input", str(tmp_path), "--output", str(tmp_path / "f" / "sub" / "out")]
-        assert main(parse_args(args)) == 1
-    assert f"is under {tmp_path / 'f'}, a file; give a directory path for the shards" in caplog.text
+    args = ["--input", str(tmp_path), "--output", str(tmp_path / "f" / "sub" / "out")]
+    assert main(parse_args(args)) == 1
+    err = capsys.readouterr().err
+    assert f"is under {tmp_path / 'f'}, a file; give a directory path for the shards" in err
 
 
 @pytest.mark.ray
-def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, caplog):
+def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, capsys):
     # task_cpus above every node's CPUs used to wait forever (Ray's warning went to its
     # worker logs); a run where no video gave a clip exited 0.
     import ray
@@ -62,11 +58,12 @@ def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, caplog):
     (tmp_path / "in" / "notes.mp4").write_text("not a video\n")
     args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--no-progress"]
     try:
-        with caplog.at_level(logging.ERROR):
-            assert main(parse_args([*args, "task_cpus=64"])) == 1
-            assert "task_cpus=64 but the largest Ray node has" in caplog.text
-            assert not ray_may_grow()  # main started this instance: no node will join it
-            assert main(parse_args(args)) == 1
-        assert "no video gave a clip" in caplog.text
+        assert main(parse_args([*args, "task_cpus=64"])) == 1
+        assert "error: task_cpus=64 but the largest Ray node has" in capsys.readouterr().err
+        assert not ray_may_grow()  # main started this instance: no node will join it
+        assert main(parse_args(args)) == 1
+        out, err = capsys.readouterr()
+        assert "error: no video gave a clip (0 skipped, 1 failed: the summary above" in err
+        assert "per frame -" in out  # not the empty tar's bytes over 0 frames
     finally:
         ray.shutdown()
