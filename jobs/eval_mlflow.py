@@ -202,6 +202,9 @@ def log_failed_run(tracking_uri: str, experiment: str, model_uri: str, error: st
     client = MlflowClient(tracking_uri)
     exp_id = ensure_experiment(tracking_uri, experiment)
     tags = {"mast.role": "evaluation", "model_uri": model_uri, "error": error[:5000]}
+    tags[keys.RUN_DESCRIPTION] = (
+        f"DAVIS evaluation of {model_uri} that could not run: {error[:500]}"
+    )
     run = client.create_run(exp_id, run_name="eval-failed", tags=tags)
     client.set_terminated(run.info.run_id, "FAILED")
     return run.info.run_id

@@ -193,7 +193,11 @@ def setup_runs(
     parent_tags = {keys.RUN_NAME: run_name, keys.ROLE: keys.ROLE_PARENT}
     parent = _find_run(client, exp_id, parent_tags)
     if parent is None:
-        parent = client.create_run(exp_id, run_name=run_name, tags=parent_tags).info.run_id
+        described = parent_tags | {
+            keys.RUN_DESCRIPTION: f"MAST training run {run_name!r}: stages "
+            f"{' -> '.join(stage_params)}, one child run and one registered version per stage"
+        }
+        parent = client.create_run(exp_id, run_name=run_name, tags=described).info.run_id
     else:
         log.info("continuing MLflow parent run %s (%s)", run_name, parent)
     children = {}

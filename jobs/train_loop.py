@@ -273,6 +273,17 @@ def restore(worker: Worker) -> int:
     return 0
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train 2.60 logs every report ("Reporting training result N: TrainingReport(...)",
+    about 60 lines a demo) at INFO on a logger named by its file path, outside `ray.train`,
+    so RunConfig's LoggingConfig level does not reach it. Raised to WARNING here."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # another Ray version: its own logging applies
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point; `config` is a `LoopConfig.to_dict()`."""
     import ray.train
@@ -280,6 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from model import MAST
     from pipeline.loader import make_train_loader
 
+    quiet_ray_train_reports()
     loop = LoopConfig.from_dict(config)
     cfg = loop.train
     context = ray.train.get_context()

@@ -210,6 +210,11 @@ def test_a_version_is_plain_files_and_registering_it_again_finds_it(uri, tmp_pat
     assert (
         mv.description.startswith(said) and "on data abababababab; final loss 0.5" in mv.description
     )
+    parent = client.get_run(runs.parent_run_id).data.tags["mlflow.note.content"]
+    assert (
+        parent
+        == "MAST training run 'files': stages pretrain, one child run and one registered version per stage"
+    )
     run_said = client.get_run(run_id).data.tags["mlflow.note.content"]  # its latest version
     assert run_said.startswith(said.replace("4 steps", "6 steps"))
     assert run_said.endswith("; registered as mast-files version 2")
