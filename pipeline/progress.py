@@ -34,6 +34,7 @@ class LineProgress:
         self.total, self.desc, self.unit, self.stream = total, desc, unit, stream
         self.interval_s, self.n, self.initial = interval_s, initial, initial
         self.postfix = ""
+        self.written = -1  # the count the last line showed
         self.start = self.last = time.monotonic()
         self.closed = False
 
@@ -60,9 +61,10 @@ class LineProgress:
 
     def write(self) -> None:
         print(self.line(), file=self.stream, flush=True)
+        self.written = self.n
 
     def close(self) -> None:
-        if not self.closed and self.total:
+        if not self.closed and self.total and self.written != self.n:  # the last line once
             self.write()
         self.closed = True
 

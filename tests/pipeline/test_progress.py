@@ -20,7 +20,7 @@ def test_a_file_gets_plain_lines_without_carriage_returns_or_colour():
             bar.update(1)
             bar.set_postfix(failed=0)
     lines = out.getvalue().splitlines()
-    assert len(lines) == 5  # one per update (interval 0) and one at the end
+    assert len(lines) == 4  # one per update (interval 0); the last count is not repeated
     assert lines[-1].startswith("DAVIS sequences: 4/4 seq (100%), ")
     assert lines[-1].endswith("seq/s, failed=0")
     assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
