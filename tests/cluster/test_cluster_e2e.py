@@ -158,7 +158,12 @@ def test_ingest_train_evaluate_across_two_nodes(ray_cluster, mlflow_server, shar
     summary = json.loads((workdir / "eval" / "summary.json").read_text())
     assert 0.0 <= summary["scores"]["J&F-Mean"] <= 1.0 and summary["scored"] == 2, summary
     eval_runs = client.search_runs([client.get_experiment_by_name("e2e-eval").experiment_id])
-    assert len(eval_runs) == 1
+    # The model's run, and the colour baseline's scored beside it on the same set.
+    assert sorted(r.data.tags["model_uri"] for r in eval_runs) == [
+        "baseline:colour", "models:/mast-e2e@pretrain-latest",
+    ]  # fmt: skip
+    colour = summary["colour_baseline"]
+    assert colour["difference"] == pytest.approx(summary["scores"]["J&F-Mean"] - colour["J&F-Mean"])
 
 
 def test_training_survives_losing_the_worker_node(ray_cluster, mlflow_server, shards, workdir):
