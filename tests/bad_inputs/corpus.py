@@ -71,7 +71,7 @@ def videos(root: Path) -> tuple[Path, list[Kind], list[str]]:
         Kind("video", "text.mp4", "not a readable video"),
         Kind("video", "random.mp4", "not a readable video"),
         Kind("video", "truncated.mp4", "not a readable video"),
-        Kind("video", "short.mp4", "clip span"),
+        Kind("video", "short.mp4", "too short: 1 frames"),
         Kind("video", "damaged.mp4", ""),  # recorded, whatever its status: not a crash
         Kind("video", "folder.mp4", "failed"),
         Kind("video", "missing.mp4", "no such file"),
