@@ -79,7 +79,12 @@ def _kill_and_rerun(tmp_path, tmpdir, manifest, point, step, workers):
     # Local mode: the job itself; Ray mode: its worker (the job then fails, no retry left).
     assert killed.returncode == (-signal.SIGKILL if workers == 0 else 1), output[-3000:]
     stage = tmp_path / "ray" / "kill-pretrain"
-    left = {p.name: sorted(f.name for f in p.iterdir()) for p in stage.glob("checkpoint_*")}
+    # Directories only: Ray keeps its own checkpoint_manager_snapshot.json beside them.
+    left = {
+        p.name: sorted(f.name for f in p.iterdir())
+        for p in stage.glob("checkpoint_*")
+        if p.is_dir()
+    }
     leftover_temp_dirs = sorted(tmpdir.glob("mast-ckpt-*"))
 
     again = _run(command, tmpdir)
