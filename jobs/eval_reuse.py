@@ -37,18 +37,14 @@ NOT_SCORING = ("propagation.torch_threads",)  # the same numbers with any thread
 
 
 def model_digest(state: dict[str, Any]) -> str:
-    """sha256 of a loaded model (`jobs.registry.load_state`): constructor arguments and every
-    tensor's name, dtype, shape and bytes."""
-    import torch
+    """sha256 of a loaded model (`jobs.registry.load_state`): its constructor arguments and
+    its weights (`jobs.registry.weights_digest`, what registration compares too)."""
+    from jobs.registry import weights_digest
 
     if "model" not in state:  # a baseline (jobs.eval_sequence.baseline_state): its settings
         return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-    digest = hashlib.sha256(json.dumps(state.get("model_args", {}), sort_keys=True).encode())
-    for name, tensor in sorted(state["model"].items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
-    return digest.hexdigest()
+    model_args = json.dumps(state.get("model_args", {}), sort_keys=True)
+    return hashlib.sha256(f"{model_args}\n{weights_digest(state)}".encode()).hexdigest()
 
 
 def scoring_options(cfg: Any) -> dict[str, Any]:

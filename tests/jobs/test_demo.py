@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+
+from tests.object_store import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,9 +90,3 @@ def run_next_commands(stdout: str, root) -> None:
     # The evaluation of the champion was the demo's own, reused; the training was finished.
     assert "reusing the evaluation" in output and "already finished" in output, output[-3000:]
     assert (root / "eval" / "champion" / "global_results-val.csv").is_file()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
