@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MASTConfig
-from .propagate import STRIDE, LabelPropagation
+from .grid import to_cells
+from .propagate import LabelPropagation
 
 BASELINES = ("colour", "copy-first")
 
@@ -42,10 +43,7 @@ class ColourMatch(LabelPropagation, nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(1, 3, H, W) normalised Lab -> (1, 3, h, w) unit vectors of the cell colours."""
-        h, w = -(-x.shape[-2] // STRIDE), -(-x.shape[-1] // STRIDE)
-        pad = (0, w * STRIDE - x.shape[-1], 0, h * STRIDE - x.shape[-2])
-        cells = F.avg_pool2d(F.pad(x, pad, mode="replicate"), STRIDE)  # (1, 3, h, w)
-        return F.normalize(cells, dim=1)
+        return F.normalize(to_cells(x), dim=1)  # (1, 3, h, w), the grid values live on
 
 
 class CopyFirst(nn.Module):

@@ -24,7 +24,8 @@ from torch import nn
 from .colour import drop_channel, normalise_lab
 from .config import MASTConfig
 from .encoder import ResNet18
-from .propagate import STRIDE, LabelPropagation
+from .grid import from_cells, to_cells
+from .propagate import LabelPropagation
 
 
 @dataclasses.dataclass
@@ -92,7 +93,7 @@ class MAST(LabelPropagation, nn.Module):
         # Target and values: the dropped channel of the un-dropped frames (MAST_NOTES).
         batch = torch.arange(B, device=lab.device)
         channel = lab[batch, :, dropped]  # (B, T, H, W)
-        values = channel[:, :, None, ::STRIDE, ::STRIDE]  # (B, T, 1, h, w) strided, not pooled
+        values = to_cells(channel)[:, :, None]  # (B, T, 1, h, w) cell averages (model/grid.py)
         target = channel[:, -1:]  # (B, 1, H, W)
         # Samples with the same gaps share one read (gaps decide short vs long-term reads).
         out = feats.new_zeros(B, 1, *feats.shape[-2:], dtype=torch.float32)
@@ -108,7 +109,7 @@ class MAST(LabelPropagation, nn.Module):
                 self.config.train_radius,
             )
             long_term += len(idx) * sum(g > self.config.long_term_gap for g in ref_gaps)
-        reconstruction = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+        reconstruction = from_cells(out, (H, W))
         w = self.config.loss_weight
         loss = F.smooth_l1_loss(reconstruction * w, target * w)
         return MASTOutput(loss, reconstruction, target, dropped, long_term)

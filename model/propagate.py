@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from .colour import normalise_lab
 from .config import MASTConfig
+from .grid import from_cells, to_cells
 from .memory import read_memory
 
 VOID_LABEL = 255
-STRIDE = 4  # encoder output stride; values are sampled at feature resolution by [::4, ::4]
 
 
 class LabelPropagation:
@@ -99,7 +99,7 @@ class LabelPropagation:
             keep = labels != VOID_LABEL
             onehot = F.one_hot(torch.where(keep, labels, 0), K).permute(2, 0, 1).float()
             onehot = onehot * keep  # void pixels carry no label mass
-            return onehot[None, :, ::STRIDE, ::STRIDE]
+            return to_cells(onehot)[None]  # cell averages: soft labels at the cell centres
 
         values = [to_values(mask)]
         predictions = [mask]
@@ -114,7 +114,7 @@ class LabelPropagation:
                 [t - i for i in refs],
                 radius,
             )  # (1, K, h, w)
-            probs = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+            probs = from_cells(out, (H, W))  # the grid to_values put the labels on
             labels = probs[0].argmax(dim=0)  # (H, W) hard labels, fed back as memory
             predictions.append(labels)
             values.append(to_values(labels))
