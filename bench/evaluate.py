@@ -60,6 +60,7 @@ def run_ours(frames: int, scale: float) -> dict:
     """Propagate `frames` target frames with a 5-reference memory; time and peak per frame."""
     from model import MAST
     from model.colour import normalise_lab
+    from model.grid import from_cells
 
     H, W = round(480 * scale) // 4 * 4, round(854 * scale) // 2 * 2
     model = MAST().eval()
@@ -79,7 +80,7 @@ def run_ours(frames: int, scale: float) -> dict:
             query = model.encode(lab[len(GAPS) + t : len(GAPS) + t + 1])
             # The same read propagate() calls (model._read binds the model's ROI settings).
             out = model._read(query, ref_feats, ref_values, list(GAPS), RADIUS)  # (1, K, h, w)
-            probs = F.interpolate(out, size=(H, W), mode="bilinear", align_corners=False)
+            probs = from_cells(out, (H, W))  # (1, K, H, W), the grid propagate() uses
             prediction = probs[0].argmax(0)  # (H, W)
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)
