@@ -43,9 +43,9 @@ from pipeline.distributor import placeable, ray_may_grow, run_shards
 from pipeline.manifest import MANIFEST, build_manifest, read_manifest
 from pipeline.ray_local import init_ray
 from pipeline.reader import InputError, list_videos
+from pipeline.shard_stats import damaged_tars, read_done, recorded_videos
 from pipeline.sharding import ASSIGNMENT, AssignmentError, ShardSpec, assign
 from pipeline.summary import summary_table
-from pipeline.worker import damaged_tars, read_done, recorded_videos
 from typedconfig import ConfigError, config_help, load_config
 
 log = logging.getLogger("jobs.ingest")

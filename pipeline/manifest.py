@@ -26,7 +26,7 @@ manifest.json (deterministic: the same inputs and config give the same bytes):
                        clip layouts, whose manifests keep the bytes earlier versions wrote)
     config
     config_hash        the hash the shard set was written with (its first shard's: a set
-                       an earlier version wrote keeps its hash, worker.accepted_hashes)
+                       an earlier version wrote keeps its hash, shard_stats.accepted_hashes)
     content_hash       sha256 over config_hash and every tar's name and sha256: the data
                        lineage training logs
 
@@ -47,8 +47,8 @@ from typing import Any
 
 import storage
 from pipeline.config import IngestConfig
+from pipeline.shard_stats import UNLISTED_AT_DEFAULT, config_hash, shard_tars
 from pipeline.sharding import ShardSpec
-from pipeline.worker import UNLISTED_AT_DEFAULT, config_hash, shard_tars
 from typedconfig import ConfigError, from_dict, to_dict, to_plain
 
 MANIFEST = "manifest.json"

@@ -13,6 +13,7 @@ from pipeline.config import IngestConfig
 from pipeline.decode import clip_starts
 from pipeline.manifest import Problem, build_manifest
 from pipeline.reader import InputError, list_videos
+from pipeline.shard_stats import accepted_hashes, config_hash, read_done, recorded_videos
 from pipeline.sharding import (
     AssignmentError,
     ShardSpec,
@@ -22,7 +23,6 @@ from pipeline.sharding import (
     recover_plan,
 )
 from pipeline.summary import summary_table
-from pipeline.worker import accepted_hashes, config_hash, read_done, recorded_videos
 from typedconfig import ConfigError, from_dict, load_config, replace
 
 EXT = ("mp4", "mov")
@@ -136,7 +136,7 @@ def test_stats_files_that_are_not_valid_make_their_shard_not_done(tmp_path, capl
     ]:  # fmt: skip
         stats.write_bytes(content.encode() if isinstance(content, str) else content)
         caplog.clear()
-        with caplog.at_level("WARNING", logger="pipeline.worker"):
+        with caplog.at_level("WARNING", logger="pipeline.shard_stats"):
             assert read_done([spec], IngestConfig()) == {}
         assert f"{stats} is not a valid stats file ({problem}" in caplog.text
         assert "writing its shard again" in caplog.text
@@ -200,7 +200,7 @@ DEMO_0C7A8FC = {"frame_offsets": [0, 4, 8, 16, 18, 20, 21], "clips_per_video": 3
 
 def test_config_hashes_keep_shard_sets_already_written_valid(tmp_path):
     # Pinned: a change here makes reruns refuse every shard set written so far. A new content
-    # field goes into worker.LATER_FIELDS (hashed only off its default), which keeps these.
+    # field goes into shard_stats.LATER_FIELDS (hashed only off its default), which keeps these.
     assert config_hash(IngestConfig()) == "93e95ae2819813ef"
     demo = from_dict(IngestConfig, DEMO_0C7A8FC)
     assert config_hash(demo) == "e2c88d154355f80c"

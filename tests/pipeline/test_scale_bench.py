@@ -11,8 +11,8 @@ import os
 from bench import scale
 from pipeline.config import IngestConfig
 from pipeline.manifest import read_manifest
+from pipeline.shard_stats import read_done
 from pipeline.sharding import ShardSpec, load_assignment, plan_shards
-from pipeline.worker import read_done
 
 
 def test_epoch_plans_of_8_ranks_by_2_workers_cover_every_sample_in_equal_batches(tmp_path):
