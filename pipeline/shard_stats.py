@@ -6,14 +6,18 @@
     tars = shard_tars(spec, stats)                 # a done shard's tars (what the manifest lists)
 
 A stats file (deterministic: sorted keys, no timings, so a rerun writes the same bytes):
-    shard, index         the shard's name and index (ShardSpec)
+    shard, index         the shard's name (its first tar's, also when it has none), index
     num_samples          clips (or runs) in its tars
     num_frames           frames stored
     bytes                of its tars
-    sha256               its one tar's sha256; with several parts, the sha256 over their
-                         "name:sha256\n" lines
-    tars                 [{name, num_samples, bytes, sha256}] in order (absent in stats
-                         written before `shard_mb` existed: the shard's one tar at top level)
+    sha256               its one tar's sha256; else (several parts, or none) the sha256 over
+                         one line "name:sha256" per tar
+    tars                 [{name, num_samples, bytes, sha256}] in order; [] when no video gave
+                         a clip: no tar is written, the stats alone mark the shard done
+                         (versions up to cb08598 wrote an empty tar, 10240 bytes, and listed
+                         it with 0 samples: read as it is, tests/fixtures/empty_shard_cb08598).
+                         Absent in stats written before `shard_mb` existed: the shard's one
+                         tar at top level.
     config_hash          `config_hash` of the ingest config it was written with
     videos               one entry per video of the shard, in order: path, id, status ("ok",
                          "skipped", "failed"), clips, message, and for videos that were read
@@ -111,8 +115,9 @@ def write_stats(spec: ShardSpec, stats: dict[str, Any], run_id: str = "") -> Non
 
 
 def shard_tars(spec: ShardSpec, stats: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tars of a done shard: {"name", "num_samples", "bytes", "sha256"} each (stats
-    written before `shard_mb` existed describe their one tar at the top level)."""
+    """The tars of a done shard: {"name", "num_samples", "bytes", "sha256"} each, none when no
+    video gave a clip (stats written before `shard_mb` existed describe their one tar at the
+    top level)."""
     if "tars" in stats:
         return stats["tars"]
     return [{"name": spec.name, **{k: stats[k] for k in ("num_samples", "bytes", "sha256")}}]
@@ -206,6 +211,7 @@ def read_done(shards: list[ShardSpec], cfg: IngestConfig) -> dict[int, dict[str,
             continue
         # A tar deleted, truncated or replaced after the shard was done: write the shard
         # again (the same bytes). Sizes are what can be checked without reading every tar.
+        # A shard without clips lists no tar: its stats alone say it is done.
         damaged = [t for t in shard_tars(spec, stats) if sizes.get(t["name"]) != t["bytes"]]
         if damaged:
             t = damaged[0]

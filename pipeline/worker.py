@@ -6,9 +6,10 @@ failure to write the shard does (the distributor retries those).
 
 Order of writes: the tar (atomically, temp + rename, the temp file named with the run's id;
 with `shard_mb`, its parts one after the other), then the stats JSON (atomically) as the done
-marker (`pipeline/shard_stats.py`, which owns that file). Tars are byte-for-byte
-deterministic (sorted members, zero mtimes, owner and mode fixed), so a rerun or retry writes
-identical bytes.
+marker (`pipeline/shard_stats.py`, which owns that file). A shard whose videos give no clip
+has no tar, only its stats (every video's status and reason; `tars` empty). Tars are
+byte-for-byte deterministic (sorted members, zero mtimes, owner and mode fixed), so a rerun
+or retry writes identical bytes.
 
 Decoding a video into clips of stored Lab frames is `pipeline/decode.py`.
 """
@@ -163,18 +164,17 @@ def _write_tar(
     videos: list[dict[str, Any]],
     run_id: str = "",
 ) -> dict[str, Any]:
-    """Write part `part` of the shard (atomically) from the ingested videos `results` (after
-    the one in `carry`, left by the previous part) until the tar holds `limit` bytes: the next
-    video with clips is left in `carry`, so a part never ends up empty but for a shard without
-    clips. Appends status entries to `videos`; returns {"name", "num_samples", "bytes",
-    "sha256"} of the tar."""
+    """Write part `part` of the shard (atomically) from the video in `carry` (one with clips)
+    and then the ingested videos `results` until the tar holds `limit` bytes: the next video
+    with clips is left in `carry`, so no part is empty. Appends status entries to `videos`;
+    returns {"name", "num_samples", "bytes", "sha256"} of the tar."""
     name = shard_name(spec.index, part)
     result: dict[str, Any] = {"name": name, "num_samples": 0}
 
     def write(f: Any) -> None:
         out = _Counting(f)
         with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for entry, members in itertools.chain([carry.pop()] if carry else [], results):
+            for entry, members in itertools.chain([carry.pop()], results):
                 first = next(members, None)  # the video up to its first clip, or its end
                 if first is not None:
                     members = itertools.chain([first], members)
@@ -190,6 +190,20 @@ def _write_tar(
 
     storage.atomic_write(spec.part_url(part), write, tag=run_id)
     return result
+
+
+def _until_clips(
+    results: Iterator[tuple[dict[str, Any], Members]], videos: list[dict[str, Any]]
+) -> list[tuple[dict[str, Any], Members]]:
+    """Ingest `results` up to the first video that gives a clip, appending the status entries
+    of those before it to `videos`: [that video, its first member put back], or [] when no
+    video gives one (the shard then has no tar: an empty one would be a shard of nothing)."""
+    for entry, members in results:
+        first = next(members, None)  # the video up to its first clip, or its end
+        if first is not None:
+            return [(entry, itertools.chain([first], members))]
+        videos.append(entry)
+    return []
 
 
 def reuse_freed_buffers() -> None:
@@ -209,9 +223,10 @@ def reuse_freed_buffers() -> None:
 
 
 def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any], run_id: str = "") -> dict[str, Any]:
-    """Write one shard (one tar, or several parts with `shard_mb`) and its stats file, temp
-    files tagged with `run_id` (an argument of the task: Ray's retries keep it); returns the
-    stats plus `seconds` and `cpu_seconds` (not stored: the stored stats are deterministic)."""
+    """Write one shard (one tar, several parts with `shard_mb`, or none when no video gives a
+    clip) and its stats file, temp files tagged with `run_id` (an argument of the task: Ray's
+    retries keep it); returns the stats plus `seconds` and `cpu_seconds` (not stored: the
+    stored stats are deterministic)."""
     cfg = from_dict(IngestConfig, cfg_dict)
     cv2.setNumThreads(max(1, int(cfg.task_cpus)))  # OpenCV's pool would oversubscribe the task
     reuse_freed_buffers()
@@ -219,10 +234,12 @@ def process_shard(spec: ShardSpec, cfg_dict: dict[str, Any], run_id: str = "") -
     limit = cfg.shard_mb * 1e6 if cfg.shard_mb > 0 else float("inf")
     videos: list[dict[str, Any]] = []
     results = (_ingest_video(url, cfg) for url in spec.videos)  # one video at a time
-    carry: list[tuple[dict[str, Any], Members]] = []
-    tars = [_write_tar(spec, 0, results, carry, limit, videos, run_id)]
+    carry = _until_clips(results, videos)
+    tars: list[dict[str, Any]] = []
     while carry:
         tars.append(_write_tar(spec, len(tars), results, carry, limit, videos, run_id))
+    if not tars:  # a tar left by an earlier write of this shard (older versions wrote an
+        storage.remove(spec.part_url(0))  # empty one) would contradict stats that list none
     stats = shard_stats(spec, cfg, videos, tars)
     # The done marker, last. Deterministic content: no timings (those go to the driver).
     write_stats(spec, stats, run_id)

@@ -116,8 +116,10 @@ def test_ingest_bookkeeping(sandbox):
     assert "Traceback" not in text
     for kind in kinds:
         assert kind.expect in text, (kind, text[-3000:])
-    # Healed: every file as the first run wrote it, the lock released.
+    # Healed: every file as the first run wrote it, the lock released; shard 2, whose videos
+    # gave no clip, is written again without a tar.
     assert {n: (dst / n).read_bytes() for n in originals} == originals
+    assert "shard-000002.stats.json" in originals and not (dst / "shard-000002.tar").exists()
     assert not (dst / ".ingest.lock").exists()
     assert sandbox.inputs() == before and not any(sandbox.cwd.iterdir())
 

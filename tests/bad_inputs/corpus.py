@@ -84,21 +84,22 @@ def videos(root: Path) -> tuple[Path, list[Kind], list[str]]:
 
 # --- ingest bookkeeping: damage a finished output, rerun the same ingest --------------------
 def bookkeeping(dst: Path) -> list[Kind]:
-    """Damage the stats, assignment, lock and a tar of a finished ingest output in place."""
-    (dst / "shard-000000.stats.json").write_bytes(b'{"config_hash": "torn')
+    """Damage the stats, assignment, lock and a tar of a finished ingest output in place.
+    Shard 2 (text.mp4, truncated.mp4) gave no clip: its stats are all it has."""
+    (dst / "shard-000002.stats.json").write_bytes(b'{"config_hash": "torn')
     (dst / "shard-000001.stats.json").write_text(json.dumps({"videos": []}))
     (dst / "assignment.json").write_bytes(b"\x00 not an assignment")
-    tar = bytearray((dst / "shard-000002.tar").read_bytes())
+    tar = bytearray((dst / "shard-000000.tar").read_bytes())
     tar[520:560] = b"X" * 40  # inside the first member: same size, other bytes (--verify)
-    (dst / "shard-000002.tar").write_bytes(bytes(tar))
+    (dst / "shard-000000.tar").write_bytes(bytes(tar))
     lock = dst / ".ingest.lock"
     lock.write_bytes(b"\xff garbage lock")
     os.utime(lock, (1, 1))  # left by a run long gone
     return [
-        Kind("bookkeeping", "shard-000000.stats.json", "shard-000000.stats.json"),
+        Kind("bookkeeping", "shard-000002.stats.json", "shard-000002.stats.json"),
         Kind("bookkeeping", "shard-000001.stats.json", "shard-000001.stats.json"),
         Kind("bookkeeping", "assignment.json", "assignment.json"),
-        Kind("bookkeeping", "shard-000002.tar", "1 damaged"),
+        Kind("bookkeeping", "shard-000000.tar", "1 damaged"),
         Kind("bookkeeping", ".ingest.lock", ".ingest.lock"),
     ]
 

@@ -218,14 +218,17 @@ def test_glob_list_and_rerun_write_the_same_bytes(from_root, corpus, tmp_path):
         assert ingest(src, str(out), cfg, progress=False)["videos"] == manifest["videos"]
         assert _tree(out) == _tree(dst)
     # resume: a shard whose stats file (the done marker) is gone is written again, the rest
-    # are left alone (a folder's identity is its path: the same assignment)
+    # are left alone (a folder's identity is its path: the same assignment). Shard 1's
+    # folders (d_mixed, e_gaps, f_short) give no clip: it has no tar, before or after.
     before = _tree(dst)
+    assert [n for n in before if n.endswith(".tar")] == ["shard-000000.tar", "shard-000002.tar"]
     mtimes = {p.name: p.stat().st_mtime_ns for p in dst.glob("shard-*")}
     (dst / "shard-000001.stats.json").unlink()
+    (dst / "shard-000002.stats.json").unlink()
     ingest(str(ytvos), str(dst), cfg, progress=False)
     assert _tree(dst) == before
     changed = {p.name for p in dst.glob("shard-*") if p.stat().st_mtime_ns != mtimes[p.name]}
-    assert changed == {"shard-000001.tar", "shard-000001.stats.json"}
+    assert changed == {"shard-000001.stats.json", "shard-000002.stats.json", "shard-000002.tar"}
 
 
 def test_empty_and_missing_folders_in_a_list(ray_local, corpus, tmp_path):
