@@ -14,7 +14,8 @@ Resumable and deterministic: DST/assignment.json fixes which videos go to which 
 shard with a valid stats file and tars of the sizes it records is done and skipped (with
 `--verify`, also of the sha256 it records); a rerun finishes the rest; new input videos
 become new shards; `--overwrite` deletes this job's files in DST and starts over. At the end
-DST/manifest.json is (re)written and a summary table printed.
+DST/manifest.json is (re)written and a summary table printed; a run where no video gave a
+clip writes no manifest (and removes one left from before), and says what to do.
 
 One run at a time per DST: a run holds DST/.ingest.lock (storage.lock) from start to end; a
 second one is refused, naming the holder, and a dead run's lock is taken over. Temp files
@@ -22,7 +23,8 @@ carry the run's id, so a run removes only its own and those of dead runs.
 
 Exit code 0 when every shard is complete (broken videos are accounted, not errors), 2 when
 some shard failed twice, 1 on bad input or config, or when no video gave a clip, 3 when DST
-is locked by another run (or this run lost its lock).
+is locked by another run (or this run lost its lock). Exit codes 1 and 3, and any run that
+wrote no manifest, print one `error:` line.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import storage
 from pipeline.config import IngestConfig
 from pipeline.distributor import placeable, ray_may_grow, run_shards
-from pipeline.manifest import MANIFEST, build_manifest, read_manifest
+from pipeline.manifest import MANIFEST, Manifest, build_manifest, read_manifest
 from pipeline.ray_local import init_ray
 from pipeline.reader import InputError, list_videos
 from pipeline.shard_stats import damaged_tars, read_done, recorded_videos
@@ -157,7 +159,8 @@ def ingest(
     """Run the whole job holding DST's lock (`lock`, taken by the caller, or one taken here:
     storage.LockHeld when another run has it); returns the manifest's JSON object, plus run
     figures under keys starting with "_" (wall seconds, task CPU seconds, frames written,
-    shards verified and found damaged with `verify`). Ray is needed only when some shard is
+    shards verified and found damaged with `verify`, the manifest's URL: "" when no video
+    gave a clip, which writes no manifest). Ray is needed only when some shard is
     to be written: then `start_ray()` is called first (without it, Ray must be initialised);
     a rerun with every shard done decides so, and writes the manifest, without Ray."""
     start = time.perf_counter()
@@ -199,7 +202,11 @@ def ingest(
         with gc_paused():
             manifest = build_manifest(shards, stats, errors, cfg)
         lock.check()  # a run that lost its lock leaves the manifest to the run that has it
-        manifest.write(dst)
+        if manifest.num_samples:
+            url = manifest.write(dst)
+        else:  # Nothing to train on: no manifest, and none left by an earlier run (older
+            url = ""  # versions wrote them with 0 samples): it would not describe these shards.
+            storage.remove(storage.join(dst, MANIFEST))
     # Run figures, not part of the written manifest (which is deterministic).
     return {
         **manifest.to_json(),
@@ -208,6 +215,7 @@ def ingest(
         "_frames_written": sum(s["num_frames"] for s in completed),
         "_verified": verified,
         "_damaged": len(damaged),
+        "_manifest_url": url,
     }
 
 
@@ -289,8 +297,10 @@ def _run(
             progress=not args.no_progress, videos=videos, verify=args.verify, lock=lock,
             start_ray=start_ray,
         )  # fmt: skip
-        url = storage.join(args.output, MANIFEST)
-        manifest = read_manifest(url)  # what was written, through the reader training uses
+        url = run["_manifest_url"]
+        # What was written, through the reader training uses; without one, what was built.
+        built = {k: v for k, v in run.items() if not k.startswith("_")}
+        manifest = read_manifest(url) if url else Manifest.from_json(built, args.output)
     except (ConfigError, AssignmentError) as e:
         fail(e)
         return 1
@@ -298,17 +308,30 @@ def _run(
     if args.verify:
         print(f"verified {run['_verified']} done shards against their sha256: "
               f"{run['_damaged']} damaged, written again")  # fmt: skip
-    print(f"manifest: {url}")
+    if url:
+        print(f"manifest: {url}")
+    else:
+        fail(no_clips(manifest, args.input))
     if manifest.incomplete_shards:
         return 2
-    if not manifest.num_samples:
-        v = manifest.videos
-        fail(
-            f"no video gave a clip ({v.get('skipped', 0)} skipped, {v.get('failed', 0)} failed: "
-            f"the summary above and {url} 'problems' say why for each); nothing to train on"
+    return 0 if url else 1
+
+
+def no_clips(manifest: Manifest, src: str) -> str:
+    """What a run that stored no clip says: why (each video's reason is in the summary), and
+    what to do; a done shard is not read again, so a video fixed in place needs --overwrite."""
+    v, incomplete = manifest.videos, len(manifest.incomplete_shards)
+    if incomplete:
+        todo = f"rerun the same command to retry the {incomplete} incomplete shards"
+    else:
+        todo = (
+            "add videos that give clips and rerun, or fix these and rerun with --overwrite "
+            "(shards already done are not read again)"
         )
-        return 1
-    return 0
+    return (
+        f"no video in {src} gave a clip ({v.get('skipped', 0)} skipped, {v.get('failed', 0)} "
+        f"failed; the summary above gives each one's reason), so no manifest was written: {todo}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@
 manifest.json (deterministic: the same inputs and config give the same bytes):
     version            the format version (1)
     shards             tar file names, relative to the manifest, in shard index order (a
-                       shard split by `shard_mb` lists its parts in order); an absolute path, a
-                       URL or a `..` is refused: a manifest reads only what lies beside it
+                       shard split by `shard_mb` lists its parts in order, one without clips
+                       none); an absolute path, a URL or a `..` is refused: a manifest reads
+                       only what lies beside it. Never written without a sample (jobs.ingest)
     samples_per_shard  clips in each tar
     num_samples, num_frames, num_shards (tars), bytes
     videos             {"total", "ok", "skipped", "failed"} over every input video

@@ -49,7 +49,8 @@ def test_output_that_is_a_file_fails_fast(tmp_path, capsys):
 @pytest.mark.ray
 def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, capsys):
     # task_cpus above every node's CPUs used to wait forever (Ray's warning went to its
-    # worker logs); a run where no video gave a clip exited 0.
+    # worker logs); a run where no video gave a clip exited 0 (tests/pipeline/
+    # test_ingest_no_clips.py: what it writes now, which is no tar and no manifest).
     import ray
 
     from pipeline.distributor import ray_may_grow
@@ -63,7 +64,9 @@ def test_tasks_no_node_can_hold_and_runs_without_clips_exit_1(tmp_path, capsys):
         assert not ray_may_grow()  # main started this instance: no node will join it
         assert main(parse_args(args)) == 1
         out, err = capsys.readouterr()
-        assert "error: no video gave a clip (0 skipped, 1 failed: the summary above" in err
+        assert f"error: no video in {tmp_path / 'in'} gave a clip (0 skipped, 1 failed;" in err
         assert "per frame -" in out  # not the empty tar's bytes over 0 frames
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+            "assignment.json", "shard-000000.stats.json"]  # fmt: skip
     finally:
         ray.shutdown()

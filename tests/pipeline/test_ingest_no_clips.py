@@ -1,7 +1,8 @@
-"""Shards without clips, on a local Ray instance with real videos: a shard whose videos give no
-clip writes no tar (its stats alone mark it done and account for its videos), and shard sets
-written with empty tars by earlier versions (tests/fixtures/empty_shard_cb08598) still read,
-as they are."""
+"""Shards and runs without clips, on a local Ray instance with real videos: a shard whose videos
+give no clip writes no tar (its stats alone mark it done and account for its videos), a run
+where no video gives a clip writes no manifest and exits 1 with one `error:` line, a rerun
+that adds a good video writes the manifest, and shard sets written with empty tars by
+earlier versions (tests/fixtures/empty_shard_cb08598) still read, as they are."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import pytest
 from ingest_media import sample_video_dir, write_video
 from test_ingest import file_tree
 
-from jobs.ingest import ingest
+from jobs.ingest import ingest, main, parse_args
 from pipeline.config import IngestConfig
-from pipeline.manifest import MANIFEST, read_manifest
-from pipeline.shard_stats import shard_tars
+from pipeline.manifest import MANIFEST, build_manifest, read_manifest
+from pipeline.shard_stats import read_done, shard_tars
 from pipeline.sharding import ShardSpec, load_assignment
 from typedconfig import from_dict
 
@@ -103,12 +104,72 @@ def test_a_shard_without_clips_writes_no_tar_and_stays_done(ray_local, tmp_path)
     assert os.stat(dst / "shard-000000.stats.json").st_mtime_ns == mtimes["shard-000000.stats.json"]
 
 
+def test_no_clip_at_all_writes_no_manifest_and_adding_a_video_does(ray_local, tmp_path, capsys):
+    src, dst = tmp_path / "in", tmp_path / "out"
+    notes, short = bad_videos(src, short_frames=1)
+    # The default config (runs of up to 48 frames) as a user runs it, at a small size.
+    args = ["--input", str(src), "--output", str(dst), "--no-progress", "size=[32,32]",
+            "videos_per_shard=2"]  # fmt: skip
+    assert main(parse_args(args)) == 1
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: no video in {src} gave a clip (1 skipped, 1 failed; the summary above gives "
+        "each one's reason), so no manifest was written: add videos that give clips and rerun, "
+        "or fix these and rerun with --overwrite (shards already done are not read again)"
+    ]
+    assert "  clips                0   frames 0" in out and "per frame -" in out
+    assert "  bytes                0" in out and "manifest:" not in out
+    assert "too short: 1 frames < run of 3" in out and "InvalidDataError" in out
+    # No manifest, no tar: the shard's stats hold the videos and their reasons.
+    assert sorted(os.listdir(dst)) == ["assignment.json", "shard-000000.stats.json"]
+    empty = (dst / "shard-000000.stats.json").read_bytes()
+    assert [(v["path"], v["status"]) for v in json.loads(empty)["videos"]] == [
+        (notes, "failed"), (short, "skipped")]  # fmt: skip
+    mtime = os.stat(dst / "shard-000000.stats.json").st_mtime_ns
+    # A good video sorts first but becomes a new shard: the done shard keeps its videos.
+    good = good_video(src / "0_good.mp4")
+    assert main(parse_args(args)) == 0
+    out, err = capsys.readouterr()
+    assert f"manifest: {dst / MANIFEST}" in out and "error:" not in err
+    assert load_assignment(str(dst)) == [[notes, short], [good]]
+    assert (dst / "shard-000000.stats.json").read_bytes() == empty
+    assert os.stat(dst / "shard-000000.stats.json").st_mtime_ns == mtime
+    assert not (dst / "shard-000000.tar").exists()
+    manifest = read_manifest(str(dst / MANIFEST))
+    assert manifest.shards == ("shard-000001.tar",) and manifest.samples_per_shard == (3,)
+    assert (manifest.num_samples, manifest.num_frames, manifest.num_source_frames) == (3, 120, 120)
+    assert manifest.bytes == os.path.getsize(dst / "shard-000001.tar")
+    assert manifest.videos == {"total": 3, "ok": 1, "skipped": 1, "failed": 1}
+    problems = [(p.path, p.status) for p in manifest.problems]
+    assert problems == [(notes, "failed"), (short, "skipped")]
+
+
 def legacy_copy(tmp_path):
     """The cb08598 shard set of no clips, its config, and the videos it was given."""
     dst = shutil.copytree(os.path.join(LEGACY, "shards"), tmp_path / "shards")
     cfg = from_dict(IngestConfig, json.loads((dst / MANIFEST).read_text())["config"])
     (videos,) = load_assignment(str(dst))
     return dst, cfg, videos
+
+
+def test_shard_sets_with_empty_tars_still_read(tmp_path):
+    # Stats that list cb08598's empty tar are done and give back the manifest it wrote, byte
+    # for byte (the empty tar listed, as training read it then). No Ray: nothing is written.
+    dst, cfg, videos = legacy_copy(tmp_path)
+    old = file_tree(dst)
+    spec = ShardSpec(0, tuple(videos), str(dst))
+    done = read_done([spec], cfg)
+    assert done == {0: json.loads(old["shard-000000.stats.json"])}
+    assert shard_tars(spec, done[0]) == [{"name": "shard-000000.tar", "num_samples": 0,
+        "bytes": 10240, "sha256": hashlib.sha256(bytes(10240)).hexdigest()}]  # fmt: skip
+    rebuilt = build_manifest([spec], done, {}, cfg).write(str(tmp_path))
+    assert open(rebuilt, "rb").read() == old[MANIFEST]
+    # A rerun over the same videos: done, nothing to write, and the manifest of 0 samples
+    # that version left is removed (this one writes none); the shard's files stay.
+    again = ingest("", str(dst), cfg, progress=False, videos=videos)
+    assert again["_manifest_url"] == "" and again["num_samples"] == 0
+    assert again["shards"] == ["shard-000000.tar"] and again["bytes"] == 10240
+    assert file_tree(dst) == {n: b for n, b in old.items() if n != MANIFEST}
 
 
 def test_shard_sets_with_empty_tars_grow_and_heal(ray_local, tmp_path):
