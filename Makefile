@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench lint format demo clean
+.PHONY: setup test test-fast bench lint format demo recipe clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ format: setup
 
 demo: setup
 	$(BIN)/python -m jobs.demo
+
+# The CPU-hour recipe (about an hour on 2 cores): make recipe [VIDEOS=your/videos] [DAVIS=davis/root]
+recipe: setup
+	$(BIN)/python -m jobs.demo --plan configs/cpu_hour.yaml --root runs/cpu_hour \
+		$(if $(VIDEOS),--videos $(VIDEOS)) $(if $(DAVIS),--davis $(DAVIS))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -17,6 +17,12 @@ Which job configs run, and the overrides that size them, are in configs/demo.yam
 Every step is the command a user would type, run as a subprocess against a local Ray
 instance and MLflow on SQLite at <root>/mlflow/mlflow.db. Rerunning resumes: done shards are
 skipped, finished stages are reused, the sample set is kept; `--fresh` starts over.
+
+The same steps run a recipe on your own data: `--videos DIR` ingests a folder of your videos
+instead of the samples, `--davis DIR` evaluates on a DAVIS-format folder instead of the
+generated set, and `--plan` picks the sizes (configs/cpu_hour.yaml: about an hour on 2 cores):
+
+    python -m jobs.demo --plan configs/cpu_hour.yaml --root runs/cpu_hour --videos ~/videos
 """
 
 from __future__ import annotations
@@ -115,6 +121,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=str(PLAN),
         help="which configs to run and their overrides (configs/demo.yaml)",
     )
+    parser.add_argument(
+        "--videos",
+        help="a folder (or glob) of your videos to ingest; default: the 3 sample videos",
+    )
+    parser.add_argument(
+        "--davis",
+        help="a DAVIS-format folder to evaluate on; default: a set generated from the samples",
+    )
     return parser.parse_args(argv)
 
 
@@ -133,12 +147,15 @@ def main(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    videos = build_corpus(root)
+    source = str(Path(args.videos).expanduser().resolve()) if args.videos else None
+    if source is None:
+        build_corpus(root)
+        source = str(root / "corpus")
     shards = root / "shards"
     plan = yaml.safe_load(Path(args.plan).read_text())
     timings["ingest"] = run(
         "ingest",
-        [py, "-m", "jobs.ingest", "--input", str(root / "corpus"), "--output", str(shards),
+        [py, "-m", "jobs.ingest", "--input", source, "--output", str(shards),
          "--config", plan["ingest"]["config"], *plan["ingest"]["overrides"]],
         env,
     )  # fmt: skip
@@ -149,8 +166,8 @@ def main(args: argparse.Namespace) -> dict:
          "--run-name", args.run_name, f"storage_path={root / 'ray'}", *plan["train"]["overrides"]],
         env,
     )  # fmt: skip
-    davis = root / "davis"
-    if not (davis / "ImageSets").exists():
+    davis = Path(args.davis).expanduser().resolve() if args.davis else root / "davis"
+    if args.davis is None and not (davis / "ImageSets").exists():
         run(
             "sample",
             [py, "-m", "davis.sample", "--output", str(davis), *plan["sample"]["overrides"]],
@@ -177,7 +194,7 @@ def main(args: argparse.Namespace) -> dict:
     manifest = read_manifest(str(shards / MANIFEST))
     print("\n== Demo summary")
     print(
-        f"data: {len(videos)} real videos -> {manifest.num_samples} clips in "
+        f"data: {source} -> {manifest.num_samples} clips in "
         f"{len(manifest.shards)} shards (content hash {manifest.content_hash[:12]})"
     )
     print(f"\nregistered model versions of {keys.MODEL_NAME!r} (one per stage):")
@@ -197,7 +214,7 @@ def main(args: argparse.Namespace) -> dict:
     print(table(rows, ["model", "J&F", "J", "F", "vs colour"]))
     print("\nstep times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"total: {time.perf_counter() - start:.0f}s")
-    commands = next_commands(root, tracking_uri, plan, args.run_name)
+    commands = next_commands(root, davis, tracking_uri, plan, args.run_name)
     print(f"\n{NEXT_HEADER}\n" + "\n".join(f"  {c}" for c in commands))
     return {"evaluations": evaluations, "timings": timings, "next": commands}
 
@@ -214,7 +231,9 @@ def shown(path: str | Path) -> str:
         return str(path)
 
 
-def next_commands(root: Path, tracking_uri: str, plan: dict, run_name: str) -> list[str]:
+def next_commands(
+    root: Path, davis: Path, tracking_uri: str, plan: dict, run_name: str
+) -> list[str]:
     """The commands that pick up where the demo stopped, with its MLflow store set: the
     registered models live there, not in the default store (runs/mlflow) that the jobs use
     when MLFLOW_TRACKING_URI is unset. A test runs them as printed."""
@@ -224,7 +243,7 @@ def next_commands(root: Path, tracking_uri: str, plan: dict, run_name: str) -> l
     return [
         f"cd {PROJECT}",
         f"export MLFLOW_TRACKING_URI={tracking_uri}",
-        f"{py} -m jobs.evaluate --model {champion} --davis-root {root / 'davis'} "
+        f"{py} -m jobs.evaluate --model {champion} --davis-root {davis} "
         f"--config {plan['evaluate']['config']} --output {root / 'eval' / 'champion'}",
         " ".join(
             [

@@ -46,8 +46,10 @@ def test_demo_runs_end_to_end_and_reruns_from_what_is_done(tmp_path):
     )
     models = sorted(r.data.tags["model_uri"] for r in evaluations)
     assert models == ["baseline:colour", "baseline:copy-first", "models:/mast@dynamic-latest"]
-    # A rerun reuses shards, finished stages and the evaluations: no new versions or runs.
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # A rerun reuses shards, finished stages and the evaluations: no new versions or runs;
+    # also when the same videos and DAVIS folder are given as a user's own (--videos, --davis).
+    own = ["--videos", str(root / "corpus"), "--davis", str(root / "davis")]
+    again = subprocess.run(cmd + own, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already finished" in again.stderr + again.stdout
     assert (
