@@ -51,9 +51,13 @@ class CopyFirst(nn.Module):
 
     @torch.no_grad()
     def propagate(
-        self, frames: torch.Tensor, first_mask: torch.Tensor, **_: Sequence[int] | int | None
+        self,
+        frames: torch.Tensor,
+        first_mask: torch.Tensor,
+        **_: Sequence[int] | int | float | None,
     ) -> torch.Tensor:
-        """(T, 3, H, W) frames, (H, W) first mask -> (T, H, W) the mask repeated."""
+        """(T, 3, H, W) frames, (H, W) first mask -> (T, H, W) the mask repeated; the protocol
+        arguments of `LabelPropagation.propagate` are accepted and have nothing to change."""
         return first_mask.long().expand(frames.shape[0], *first_mask.shape).clone()
 
 

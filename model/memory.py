@@ -6,7 +6,10 @@ each query position. Long-term references (gap > long_term_gap) use two-step ROI
 a dilated coarse correlation (window 2 * coarse_radius + 1, dilation
 d = min(max_dilation, gap // 15 + 1)) whose soft-argmax gives a per-pixel offset, then a P x P
 window bilinearly sampled around pixel + offset. All affinities of all references go through
-one joint softmax; output = sum(affinity x value).
+one joint softmax; output = sum(affinity x value). With `top_k` (CRW's test protocol, MAST_NOTES
+"Other test-time protocols") that softmax spans only each query's k largest affinities over all
+references; the others weigh 0. The coarse ROI soft-argmax is not truncated: it only places the
+fine window.
 
 Deliberate differences from the reference code:
 - Each long-term reference uses its own ROI offset for both affinities and values (defect 1).
@@ -192,7 +195,17 @@ class _Reference:
     offset: torch.Tensor | None = None  # long-term: (B, 2, h, w); short-term: None
 
 
-def _read_band(q, refs: list[_Reference], y0: int, w: int, R: int, scale: float, border: str):
+def _joint_softmax(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Softmax of (B, N, E) logits over E; with top_k, over each row's k largest only."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits.softmax(dim=-1)
+    top, index = logits.topk(top_k, dim=-1)  # (B, N, k): exactly k, as CRW keeps them
+    return torch.zeros_like(logits).scatter(-1, index, top.softmax(dim=-1))
+
+
+def _read_band(
+    q, refs: list[_Reference], y0: int, w: int, R: int, scale: float, border: str, top_k
+):
     """Read rows y0 .. y0 + n - 1 of the query from every reference with one joint softmax."""
     B, C, n, _ = q.shape
     P = 2 * R + 1
@@ -226,7 +239,8 @@ def _read_band(q, refs: list[_Reference], y0: int, w: int, R: int, scale: float,
             logit = dots * scale
         windows.append((win, frac))
         logits.append(logit.flatten(2))  # (B, N, P*P)
-    weights = torch.cat(logits, dim=2).softmax(dim=2)  # one joint softmax over all references
+    # One joint softmax over all references: (B, N, refs * P*P).
+    weights = _joint_softmax(torch.cat(logits, dim=2), top_k)
     out = 0
     for k, (ref, (win, frac)) in enumerate(zip(refs, windows)):
         weight = weights[:, :, k * P * P : (k + 1) * P * P].view(B, -1, P, P)
@@ -244,6 +258,7 @@ def read_memory(
     radius: int,
     *,
     scale: float | None = None,
+    top_k: int | None = None,
     long_term_gap: int = 15,
     coarse_radius: int = 12,
     max_dilation: int = 4,
@@ -259,6 +274,8 @@ def read_memory(
         gaps: per reference, frames between it and the query; > long_term_gap = long-term.
         radius: R of the P x P (P = 2R + 1) short-term window and fine ROI window.
         scale: affinity scale before the softmax; None = 1/sqrt(C).
+        top_k: softmax over each query's k largest affinities over all references, the
+            rest weigh 0 (CRW keeps 10); None = all window entries (MAST).
         long_term_gap, coarse_radius, max_dilation: ROI localisation settings.
         border: "exclude" (default) or "zero" (reference code), see module docstring.
         chunk_size: query positions per band; 0 = automatic (bounded temporaries per band).
@@ -273,6 +290,8 @@ def read_memory(
         )
     if border not in BORDER_MODES:
         raise ValueError(f"border={border!r}; choose one of {BORDER_MODES}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 (None keeps every affinity)")
     B, C, h, w = query.shape
     for feat, value in zip(ref_feats, ref_values):
         if feat.shape != query.shape or value.shape[0] != B or value.shape[-2:] != (h, w):
@@ -309,9 +328,9 @@ def read_memory(
         q = query[:, :, y0 : y0 + rows]
         if grad:  # recompute the band in backward instead of keeping its windows
             band = checkpoint(
-                _read_band, q, refs, y0, w, radius, scale, border, use_reentrant=False
+                _read_band, q, refs, y0, w, radius, scale, border, top_k, use_reentrant=False
             )
         else:
-            band = _read_band(q, refs, y0, w, radius, scale, border)
+            band = _read_band(q, refs, y0, w, radius, scale, border, top_k)
         bands.append(band)
     return torch.cat(bands, dim=2)

@@ -6,8 +6,9 @@ import torch
 from model.memory import read_memory, roi_dilation, roi_offset
 
 
-def dense_window_attention(query, ref_feats, ref_values, radius, scale):
-    """Dense attention over all reference positions, masked to the window (independent path)."""
+def dense_window_attention(query, ref_feats, ref_values, radius, scale, top_k=None):
+    """Dense attention over all reference positions, masked to the window (independent path);
+    with top_k, each query's k largest window logits only (CRW's protocol)."""
     B, C, h, w = query.shape
     ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     pos = torch.stack([ys.flatten(), xs.flatten()], 1)  # (hw, 2)
@@ -17,7 +18,11 @@ def dense_window_attention(query, ref_feats, ref_values, radius, scale):
         (torch.einsum("bcq,bcr->bqr", q, f.flatten(2)) * scale).masked_fill(~inside, float("-inf"))
         for f in ref_feats
     ]
-    attn = torch.cat(logits, dim=2).softmax(dim=2)  # (B, hw, refs * hw)
+    logits = torch.cat(logits, dim=2)  # (B, hw, refs * hw)
+    if top_k is not None:  # random features: no ties, the k-th largest is a clean threshold
+        kth = logits.topk(top_k, dim=2).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    attn = logits.softmax(dim=2)
     values = torch.cat([v.flatten(2) for v in ref_values], dim=2)  # (B, V, refs * hw)
     return torch.einsum("bqr,bvr->bvq", attn, values).view(B, -1, h, w)
 
@@ -53,6 +58,61 @@ def test_short_term_equals_dense_window_attention():
     out = read_memory(q, feats, values, [1, 3, 5], radius=2)
     expected = dense_window_attention(q, feats, values, 2, scale=8**-0.5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def window_inputs(seed=0, V=3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 8, 9, 11, generator=g)
+    feats = [torch.randn(2, 8, 9, 11, generator=g) for _ in range(3)]
+    values = [torch.randn(2, V, 9, 11, generator=g) for _ in range(3)]
+    return q, feats, values
+
+
+@pytest.mark.parametrize("top_k", [1, 10, 40])
+def test_top_k_equals_dense_attention_over_the_k_largest(top_k):
+    q, feats, values = window_inputs(seed=6)
+    out = read_memory(q, feats, values, [1, 3, 5], radius=2, top_k=top_k, chunk_size=22)
+    expected = dense_window_attention(q, feats, values, 2, scale=8**-0.5, top_k=top_k)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_top_1_copies_the_value_of_the_best_match():
+    q, feats, values = window_inputs(seed=7)
+    out = read_memory(q, feats, values, [1, 3, 5], radius=2, top_k=1)
+    # Independently: the argmax over every reference's window, and the value found there.
+    B, C, h, w = q.shape
+    for b, y, x in [(0, 0, 0), (0, 4, 5), (1, 8, 10), (1, 2, 9)]:
+        best, copied = -float("inf"), None
+        for f, v in zip(feats, values):
+            for yy in range(max(0, y - 2), min(h, y + 3)):
+                for xx in range(max(0, x - 2), min(w, x + 3)):
+                    dot = float((q[b, :, y, x] * f[b, :, yy, xx]).sum())
+                    if dot > best:
+                        best, copied = dot, v[b, :, yy, xx]
+        torch.testing.assert_close(out[b, :, y, x], copied, rtol=0, atol=1e-6)
+
+
+def test_top_k_at_least_the_window_entries_is_no_top_k():
+    q, feats, values = window_inputs(seed=8)
+    whole = read_memory(q, feats, values, [1, 3, 5], radius=2)
+    entries = 3 * 5 * 5  # every entry of every reference's window
+    for top_k in (entries, entries + 1, 10**6):
+        same = read_memory(q, feats, values, [1, 3, 5], radius=2, top_k=top_k)
+        torch.testing.assert_close(same, whole, rtol=0, atol=0)
+    # One fewer entry than the windows hold changes the read (the smallest weight goes).
+    fewer = read_memory(q, feats, values, [1, 3, 5], radius=2, top_k=entries - 1)
+    assert (fewer - whole).abs().max() > 1e-7
+
+
+def test_top_1_reads_a_long_term_reference_at_its_roi_match():
+    q = distinctive_features(seed=9)
+    _, _, h, w = q.shape
+    dy, dx = 8, -6  # outside the 5x5 fine window; found by the coarse ROI step (d = 2)
+    coords = coordinate_values(h, w)
+    out = read_memory(q, [shifted(q, dy, dx)], [coords], [25], radius=2, scale=1.0, top_k=1)
+    inner = (slice(None), slice(None), slice(12, h - 12), slice(12, w - 12))
+    expected = coords + torch.tensor([dy, dx]).view(1, 2, 1, 1)
+    torch.testing.assert_close(out[inner], expected[inner], atol=1e-3, rtol=0)
 
 
 def test_zero_border_reproduces_reference_semantics():
@@ -172,3 +232,5 @@ def test_rejects_inconsistent_references():
         read_memory(q, [q], [torch.zeros(1, 1, 20, 20)], [1], radius=1)
     with pytest.raises(ValueError, match="border"):
         read_memory(q, [q], [torch.zeros(1, 1, 5, 5)], [1], radius=1, border="leak")
+    with pytest.raises(ValueError, match="top_k=0 must be >= 1"):
+        read_memory(q, [q], [torch.zeros(1, 1, 5, 5)], [1], radius=1, top_k=0)
