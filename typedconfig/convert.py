@@ -3,7 +3,9 @@
 `convert(value, tp, key)` dispatches on the kind of `tp`: a union tries each member, a Literal
 checks the allowed words, a dataclass builds a nested section, a tuple/list converts each
 item, and the scalars (bool, int, float, str) accept their YAML spellings. Every failure is a
-ConfigError that names the key (`model.width`, `loader.pair_gaps[1]`).
+ConfigError that names the key (`model.width`, `loader.pair_gaps[1]`). A section whose keys
+moved elsewhere says where in a `MOVED_KEYS` ClassVar ({old field: new dotted key}), and an old
+key is refused with the new one named.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
+    moved = getattr(cls, "MOVED_KEYS", {})  # ClassVar {old field: its new dotted key}
+    for key in unknown:
+        if key in moved:
+            raise ConfigError(f"config key {prefix}{key} has moved: set {moved[key]} instead")
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; allowed keys under "

@@ -1,7 +1,7 @@
 """typedconfig: precedence, validation messages, conversions, round trips."""
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -50,6 +50,22 @@ def test_unknown_key_names_the_allowed_keys():
         match=r"unknown config key inner.lrr; allowed keys under inner: \['lr', 'gaps', 'size'\]",
     ):
         load_config(Outer, overrides=["inner.lrr=1"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Moved:
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"lr": "optim.lr"}
+
+    steps: int = 10
+
+
+def test_a_moved_key_is_refused_with_its_new_name(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("steps: 3\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"^config key lr has moved: set optim.lr instead$"):
+        load_config(Moved, path)
+    assert load_config(Moved, overrides=["steps=3"]).steps == 3
+    assert "MOVED_KEYS" not in flatten(Moved())  # a ClassVar, not a key
 
 
 def test_bad_choice_names_the_allowed_values():
