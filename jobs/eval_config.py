@@ -3,14 +3,16 @@
     cfg = load_config(EvalConfig, "configs/eval/default.yaml", ["ray.max_in_flight=4"])
 
 The command-line flags of jobs.evaluate (--split, --sequences, --output) override these keys.
+The `protocol` section is the test protocol every result records (jobs/eval_protocol.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import ClassVar, Literal
 
+from model.propagate import check_protocol
 from typedconfig import ConfigError, positive
 
 SPLITS = ("train", "val", "test-dev", "test-challenge")  # the official ones; others allowed
@@ -18,24 +20,49 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclasses.dataclass(frozen=True)
-class PropagationConfig:
-    """The test-time memory (MAST_NOTES "Test-time memory"); passed to `MAST.propagate`."""
+class ProtocolConfig:
+    """The test protocol, recorded with every result: which frames are read and how affinities
+    weigh (MAST_NOTES "Test-time memory", "Other test-time protocols"); defaults are MAST's."""
 
+    top_k: int | None = None  # weigh each query's k largest affinities (CRW: 10); None = all
+    long_term: tuple[int, ...] = (0, 5)  # absolute frames always in memory (MAST: 0 and 5)
+    short_term: tuple[int, ...] = (1, 3, 5)  # offsets back from the current frame (MAST: 1, 3, 5)
     radius: int | None = None  # window radius; None = the model's test_radius (12)
-    long_term: tuple[int, ...] = (0, 5)  # absolute frames always in memory
-    short_term: tuple[int, ...] = (1, 3, 5)  # offsets back from the current frame
+    # Affinities are divided by it before the softmax (CRW: 0.05); None = the model's own.
+    temperature: float | None = None
+
+    def validate(self) -> None:
+        if self.top_k is not None:
+            positive(self.top_k, "protocol.top_k")
+        for i, t in enumerate(self.long_term):
+            positive(t, f"protocol.long_term[{i}]", allow_zero=True)
+        for i, s in enumerate(self.short_term):
+            positive(s, f"protocol.short_term[{i}]")
+        if self.radius is not None:
+            positive(self.radius, "protocol.radius")
+        if self.temperature is not None:
+            positive(self.temperature, "protocol.temperature")
+        try:  # what propagate itself refuses (e.g. frame 1 without a reference)
+            check_protocol(self.long_term, self.short_term, self.top_k, self.temperature)
+        except ValueError as e:
+            raise ConfigError(f"protocol: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class PropagationConfig:
+    """How each sequence task runs propagation, beside the protocol."""
+
+    # The protocol's keys were here before it had its own section (issue 19).
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "radius": "protocol.radius",
+        "long_term": "protocol.long_term",
+        "short_term": "protocol.short_term",
+    }
+
     max_objects: int | None = None  # label channels; None = largest first-frame id + 1
     torch_threads: int = 1  # intra-op threads per task (same in Ray and local runs)
 
     def validate(self) -> None:
-        if self.radius is not None:
-            positive(self.radius, "propagation.radius")
-        if not self.short_term:
-            raise ConfigError("propagation.short_term must name at least one offset, e.g. [1]")
-        for i, s in enumerate(self.short_term):
-            positive(s, f"propagation.short_term[{i}]")
-        for i, t in enumerate(self.long_term):
-            positive(t, f"propagation.long_term[{i}]", allow_zero=True)
         if self.max_objects is not None:
             positive(self.max_objects - 1, "propagation.max_objects - 1")
         positive(self.torch_threads, "propagation.torch_threads")
@@ -85,11 +112,12 @@ class EvalConfig:
     overlay: Literal["gif", "strip", "none"] = "gif"
     overlay_frames: int = 8  # frames shown per sequence picture
     overlay_width: int = 320  # picture width per frame, pixels
-    # Cosine-affinity temperature of `--model baseline:colour` (MAST_NOTES protocols: CRW 0.05).
+    # baseline:colour's own cosine temperature (CRW's 0.05); protocol.temperature overrides it.
     colour_temperature: float = 0.05
-    # Also score baseline:colour on the same set and options (reused once scored) and report
-    # the model's J&F beside it, with the difference: did the model learn more than colour?
+    # Also score baseline:colour on the same set, protocol and options (reused once scored)
+    # and report the model's J&F beside it, with the difference: did it learn more than colour?
     compare_colour: bool = True
+    protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
     propagation: PropagationConfig = dataclasses.field(default_factory=PropagationConfig)
     ray: RayEvalConfig = dataclasses.field(default_factory=RayEvalConfig)
     mlflow: EvalMlflowConfig = dataclasses.field(default_factory=EvalMlflowConfig)

@@ -32,7 +32,7 @@ SUMMARY_FILE = "summary.json"  # <output>/summary.json, also logged with the run
 
 # Config keys that change a score (prefixes end with "."); everything else does not.
 SCORING_KEYS = ("split", "sequences", "resolution", "device", "ignore_void", "bound_th")
-SCORING_PREFIXES = ("propagation.",)
+SCORING_PREFIXES = ("protocol.", "propagation.")
 NOT_SCORING = ("propagation.torch_threads",)  # the same numbers with any thread count
 
 

@@ -79,21 +79,21 @@ def check_labels(name: str, first_mask: np.ndarray, cfg: PropagationConfig) -> N
 
 
 def predict(
-    model: torch.nn.Module,
-    images: np.ndarray,
-    first_mask: np.ndarray,
-    cfg: PropagationConfig,
-    device: str = "cpu",
+    model: torch.nn.Module, images: np.ndarray, first_mask: np.ndarray, cfg: EvalConfig
 ) -> np.ndarray:
-    """(T, H, W) uint8 predicted ids; frame 0 is the ground truth (as DAVIS results are)."""
-    frames = stored_lab(images).to(device)
+    """(T, H, W) uint8 predicted ids under cfg.protocol; frame 0 is the ground truth (as DAVIS
+    results are)."""
+    frames = stored_lab(images).to(cfg.device)
+    protocol = cfg.protocol
     labels = model.propagate(
         frames,
-        torch.from_numpy(first_mask.astype(np.int64)).to(device),
-        max_objects=cfg.max_objects,
-        radius=cfg.radius,
-        long_term=cfg.long_term,
-        short_term=cfg.short_term,
+        torch.from_numpy(first_mask.astype(np.int64)).to(cfg.device),
+        max_objects=cfg.propagation.max_objects,
+        radius=protocol.radius,
+        long_term=protocol.long_term,
+        short_term=protocol.short_term,
+        top_k=protocol.top_k,
+        temperature=protocol.temperature,
     )
     pred = labels.cpu().numpy().astype(np.uint8)
     pred[0] = first_mask
@@ -170,7 +170,7 @@ def evaluate_sequence_files(
         if len(files.images) < 3:
             raise DavisError(f"{name}: {len(files.images)} frames; DAVIS scoring needs >= 3")
         check_labels(name, gt[0], cfg.propagation)
-        pred = predict(model, images, gt[0], cfg.propagation, cfg.device)
+        pred = predict(model, images, gt[0], cfg)
         out_dir = Path(output) / name
         for frame_id, labels in zip(files.frame_ids, pred):
             write_mask(out_dir / f"{frame_id}.png", labels)
@@ -196,6 +196,14 @@ BASELINE_KEY = "baseline"  # in the state of a baseline (jobs.evaluate: --model 
 def baseline_state(name: str, temperature: float) -> dict[str, Any]:
     """What stands for a model's checkpoint dict when a baseline is evaluated."""
     return {BASELINE_KEY: name, "temperature": temperature}
+
+
+def model_test_radius(state: dict[str, Any]) -> int:
+    """The window radius the model of `state` reads with when the protocol leaves it open:
+    its test_radius (a baseline's config is MASTConfig()'s, model/baselines.py)."""
+    from model import MASTConfig
+
+    return MASTConfig.from_args(state.get("model_args", {})).test_radius
 
 
 def build_model(state: dict[str, Any]) -> torch.nn.Module:

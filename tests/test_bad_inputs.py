@@ -180,7 +180,7 @@ def test_davis_folders(sandbox, tmp_path_factory):
     out = sandbox.out / "eval"
     done = sandbox.run(
         "jobs.evaluate", "--model", str(model), "--davis-root", str(root), "--output", str(out),
-        "split=corpus", "ray.enabled=false", "mlflow.enabled=false", "propagation.radius=4",
+        "split=corpus", "ray.enabled=false", "mlflow.enabled=false", "protocol.radius=4",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -71,7 +71,7 @@ def local_cfg(output, *extra):
             f"output={output}",
             "ray.enabled=false",
             "mlflow.enabled=false",
-            "propagation.radius=4",
+            "protocol.radius=4",
             "compare_colour=false",  # its own test below
             *extra,
         ],
@@ -171,7 +171,9 @@ def test_bad_config_and_store_give_one_line_errors(davis_root, tmp_path, capsys)
     base = ["--model", "models:/mast/14", "--davis-root", str(davis_root), "ray.enabled=false"]
     cases = {
         "propagation.radiuss=4": "unknown config key propagation.radiuss",
-        "propagation.radius=abc": "propagation.radius must be an integer",
+        "protocol.radius=abc": "protocol.radius must be an integer",
+        "protocol.top_k=0": "protocol.top_k=0 must be > 0",
+        "propagation.radius=4": "config key propagation.radius has moved: set protocol.radius",
         "--config=/nonexistent.yaml": "config file /nonexistent.yaml does not exist",
         "mlflow.tracking_uri=foo://bar": "'foo://bar'",
         f"--output={davis_root / 'ImageSets' / '2017' / 'val.txt'}": "val.txt is a file; give a",
@@ -250,7 +252,7 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     args = [
         "--model", "models:/mast-eval-test/1", "--davis-root", str(davis_root),
         "--output", str(tmp_path / "v1"), "--promote", "champion",
-        "ray.enabled=false", "propagation.radius=4", f"mlflow.tracking_uri={registry}",
+        "ray.enabled=false", "protocol.radius=4", f"mlflow.tracking_uri={registry}",
         "compare_colour=false",
     ]  # fmt: skip
     first = main(parse_args(args))
@@ -347,7 +349,7 @@ def test_models_load_from_the_given_store_with_logging_off(
     args = [
         "--model", "models:/mast-eval-test/1", "--davis-root", str(davis_root),
         "--output", str(tmp_path / "out"), "--sequences", GOOD[0], "ray.enabled=false",
-        "propagation.radius=4", "mlflow.enabled=false", f"mlflow.tracking_uri={registry}",
+        "protocol.radius=4", "mlflow.enabled=false", f"mlflow.tracking_uri={registry}",
     ]  # fmt: skip
     summary = main(parse_args(args))
     assert summary["scores"] is not None and "mlflow_run_id" not in summary
@@ -446,7 +448,7 @@ def test_an_evaluation_done_before_is_reused_unless_forced(davis_root, checkpoin
     assert again["reused"] == str(out / "summary.json") and again["scores"] == first["scores"]
     assert not (out / GOOD[0]).exists()  # nothing was evaluated
     # An option that changes a number is another evaluation; --force evaluates again.
-    other = evaluate(str(checkpoint), davis_root, local_cfg(out, "propagation.radius=3"))
+    other = evaluate(str(checkpoint), davis_root, local_cfg(out, "protocol.radius=3"))
     assert "reused" not in other and other["eval_key"] != first["eval_key"]
     forced = evaluate(str(checkpoint), davis_root, local_cfg(out), force=True)
     assert "reused" not in forced and forced["scores"] == first["scores"]
@@ -459,7 +461,7 @@ def test_a_logged_evaluation_is_reused_from_mlflow_without_a_new_run(
     client = MlflowClient(registry, registry_uri=registry)
     args = [
         "--model", "models:/mast-eval-test/2", "--davis-root", str(davis_root),
-        "--output", str(tmp_path / "a"), "ray.enabled=false", "propagation.radius=4",
+        "--output", str(tmp_path / "a"), "ray.enabled=false", "protocol.radius=4",
         f"mlflow.tracking_uri={registry}", "mlflow.experiment=reuse", "compare_colour=false",
     ]  # fmt: skip
 
@@ -493,7 +495,7 @@ def test_every_evaluation_reports_the_colour_baseline_beside_the_model(
 ):
     client = MlflowClient(registry, registry_uri=registry)
     common = [
-        "--davis-root", str(davis_root), "ray.enabled=false", "propagation.radius=4",
+        "--davis-root", str(davis_root), "ray.enabled=false", "protocol.radius=4",
         f"mlflow.tracking_uri={registry}", "mlflow.experiment=colour",
     ]  # fmt: skip
 

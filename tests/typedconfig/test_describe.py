@@ -78,6 +78,6 @@ def test_job_help_explains_zero_and_none_and_hides_the_fault_knob(capsys):
     assert "model.scale = None\n      affinity scale; None = 1/sqrt(feat_dim)" in train
     assert "fault_at_step" not in train and "schedule.warmup_steps = 0" in train
     assert "max_in_flight = 0\n      0 = 2 x (cluster CPUs / task_cpus)" in ingest
-    assert "propagation.radius = None\n      window radius; None = the model's" in evaluate
+    assert "protocol.radius = None\n      window radius; None = the model's" in evaluate
     # The description is the module's own text, not a pointer to it.
     assert "see module docstring" not in train
