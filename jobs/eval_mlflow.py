@@ -5,18 +5,22 @@
   linked to the version's LoggedModel (MLflow 3 `model_id`) so they show next to the model.
 - Artifacts: the two official CSVs, a per-sequence table (per object, with Recall/Decay and
   frame counts), failures.json, and one picture per sequence (GT over prediction).
-- A J&F is comparable only with one measured on the same data: the set id
-  (`jobs.evaluate.davis_set_id`, a content hash of the sequences' ground truth and the scoring
-  options) names it, since paths move and every DAVIS-format folder has a `val` split.
+- A J&F is comparable only with one measured on the same data under the same test protocol:
+  the set id (`jobs.evaluate.davis_set_id`, a content hash of the sequences' ground truth and
+  the scoring options) names the data, since paths move and every DAVIS-format folder has a
+  `val` split; the protocol id (`jobs.eval_protocol`, `mast` by default) names the protocol.
+  The run is tagged with both (`davis.set`, `davis.protocol`, `davis.protocol.spec` as JSON).
 - Only a full evaluation (every sequence of the split scored) is tagged on the version:
-  `davis.<split>.<set>.JF_mean`, `.J_mean`, `.F_mean`, `.run_id` (what promotion compares), and
-  `davis.<split>.JF_mean`, `.J_mean`, `.F_mean`, `.scope`, `.run_id`, `.set` for the latest full
-  evaluation on the split (for people and the demo table; promotion never reads them). A
-  partial evaluation ("partial n/N") stays in its run and never replaces a full result.
+  `davis.<split>.<set>.<protocol>.JF_mean`, `.J_mean`, `.F_mean`, `.run_id` (what promotion
+  compares), and `davis.<split>.JF_mean`, `.J_mean`, `.F_mean`, `.scope`, `.run_id`, `.set`,
+  `.protocol`, `.protocol_spec` for the latest full evaluation on the split (for people and the
+  demo table; promotion never reads them). A partial evaluation ("partial n/N") stays in its
+  run and never replaces a full result. Tags written before protocols were recorded
+  (`davis.<split>.<set>.JF_mean`) are never compared: their protocol is unknown.
 - `--promote ALIAS` moves the alias only if this full evaluation's J&F is strictly higher than
-  the holder's on the same set. A holder without a score on this set keeps the alias (the
-  reason names the command that evaluates it on this set); a free alias is taken. The decision
-  and its reason are tagged on the run and the version.
+  the holder's on the same set under the same protocol. A holder without such a score keeps
+  the alias (the reason names the command that evaluates it on this set under this protocol);
+  a free alias is taken. The decision and its reason are tagged on the run and the version.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import pandas as pd
 
 from davis.metrics import ObjectScore
 from jobs import mlflow_keys as keys
+from jobs.eval_protocol import Protocol
 from jobs.eval_reuse import EVAL_KEY_TAG
 from typedconfig import flatten
 
@@ -43,10 +48,11 @@ _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<ali
 
 @dataclasses.dataclass(frozen=True)
 class EvalSet:
-    """What a J&F was measured on, and how much of it was scored."""
+    """What a J&F was measured on and under which protocol, and how much of it was scored."""
 
     split: str
-    davis_set: str  # jobs.evaluate.davis_set_id: equal ids = comparable numbers
+    davis_set: str  # jobs.evaluate.davis_set_id: equal ids = the same data
+    protocol: Protocol  # equal ids = the same test protocol (jobs.eval_protocol)
     scope: str  # "full" or "partial n/N"
     davis_root: str = ""  # where it was found this time (for messages only)
 
@@ -141,6 +147,8 @@ def log_evaluation(
         "davis.split": summary["split"],
         "davis.set": summary["davis_set"],
         "davis.scope": summary["scope"],
+        keys.RUN_PROTOCOL: summary["protocol"]["id"],
+        keys.RUN_PROTOCOL_SPEC: json.dumps(summary["protocol"]),
         "davis.failed_sequences": str(len(summary["failed"])),
         EVAL_KEY_TAG: summary["eval_key"],  # what a later identical evaluation looks for
     }
@@ -148,7 +156,8 @@ def log_evaluation(
         tags |= {"model_name": ref.name, "model_version": ref.version}
     tags[keys.RUN_DESCRIPTION] = (
         f"DAVIS {summary['split']} evaluation of {ref.uri} ({summary['scope']}, "
-        f"{summary['scored']}/{summary['requested']} sequences scored, set {summary['davis_set']})"
+        f"{summary['scored']}/{summary['requested']} sequences scored, set {summary['davis_set']}, "
+        f"protocol {summary['protocol']['id']})"
         + (f": {scores_line(scores)}" if scores else ": nothing scored")
     )
     status = "FINISHED" if scores is not None else "FAILED"
@@ -226,11 +235,13 @@ def tag_model_version(
         "F_mean": f"{scores['F-Mean']:.6f}",
         "run_id": run_id,
     }
-    tags = {keys.set_tag(ev.split, ev.davis_set, k): v for k, v in values.items()}
+    tags = {keys.set_tag(ev.split, ev.davis_set, ev.protocol.id, k): v for k, v in values.items()}
     tags |= {keys.version_tag(ev.split, k): v for k, v in values.items()}
     tags |= {
         keys.version_tag(ev.split, "scope"): "full",
         keys.version_tag(ev.split, "set"): ev.davis_set,
+        keys.version_tag(ev.split, "protocol"): ev.protocol.id,
+        keys.version_tag(ev.split, "protocol_spec"): json.dumps(ev.protocol.spec()),
     }
     for key, value in tags.items():
         client.set_model_version_tag(ref.name, ref.version, key, value)
@@ -238,7 +249,8 @@ def tag_model_version(
     description = client.get_model_version(ref.name, ref.version).description or ""
     marker = f" | DAVIS {ev.split}"
     description = (
-        description.split(marker)[0] + f"{marker} set {ev.davis_set}: {scores_line(scores)}"
+        description.split(marker)[0]
+        + f"{marker} set {ev.davis_set} protocol {ev.protocol.id}: {scores_line(scores)}"
     )
     client.update_model_version(ref.name, ref.version, description=description.lstrip(" |"))
 
@@ -254,20 +266,22 @@ class Promotion:
     reason: str
 
 
-def scored_sets(tags: dict[str, str], split: str) -> list[str]:
-    """Set ids with a full J&F on `split` among a version's tags."""
-    prefix, suffix = f"davis.{split}.", ".JF_mean"
-    middles = [
-        k[len(prefix) : -len(suffix)] for k in tags if k.startswith(prefix) and k.endswith(suffix)
-    ]
-    return sorted(m for m in middles if m and "." not in m)  # "" is the split-level tag
+def scored_results(tags: dict[str, str], split: str) -> list[str]:
+    """One `<set> (<protocol>)` per full J&F on `split` among a version's tags; a result
+    tagged before protocols were recorded shows `(protocol not recorded)`."""
+    # Set ids are 12 hex digits (davis_set_id): a split named "val.x" is not a set of "val".
+    pattern = re.compile(
+        rf"^davis\.{re.escape(split)}\.(?P<set>[0-9a-f]{{12}})(?:\.(?P<protocol>.+))?\.JF_mean$"
+    )
+    found = [m for m in map(pattern.match, tags) if m]
+    return sorted(f"{m['set']} ({m['protocol'] or 'protocol not recorded'})" for m in found)
 
 
 def decide_promotion(client, ref: ModelRef, alias: str, ev: EvalSet, jf: float) -> Promotion:
     """Move `alias` to ref's version only if its J&F beats the holder's on the same set."""
     from mlflow.exceptions import MlflowException
 
-    on = f"{ev.split} set {ev.davis_set}"
+    on = f"{ev.split} set {ev.davis_set} under protocol {ev.protocol.id}"
     if ev.scope != "full":
         return Promotion(
             alias,
@@ -282,17 +296,22 @@ def decide_promotion(client, ref: ModelRef, alias: str, ev: EvalSet, jf: float) 
         return Promotion(alias, True, f"promoted: alias {alias} was free; J&F {jf:.4f} on {on}")
     if str(holder.version) == ref.version:
         return Promotion(alias, False, f"unchanged: version {ref.version} already holds {alias}")
-    held = holder.tags.get(keys.set_tag(ev.split, ev.davis_set, "JF_mean"))
-    if held is None:
-        others = ", ".join(scored_sets(holder.tags, ev.split)) or "none"
+    held = holder.tags.get(keys.set_tag(ev.split, ev.davis_set, ev.protocol.id, "JF_mean"))
+    if held is None:  # nothing comparable: the holder keeps the alias, as for other data
+        others = ", ".join(scored_results(holder.tags, ev.split)) or "none"
+        command = " ".join(
+            [
+                f"python -m jobs.evaluate --model models:/{ref.name}/{holder.version}",
+                f"--davis-root {ev.davis_root or 'ROOT'} --split {ev.split}",
+                *ev.protocol.overrides(),
+            ]
+        )
         return Promotion(
             alias,
             False,
             f"not promoted: holder version {holder.version} has no full J&F on {on} (its "
-            f"{ev.split} sets: {others}); scores on other data are not "
-            f"comparable. Evaluate it on this set first: python -m jobs.evaluate --model "
-            f"models:/{ref.name}/{holder.version} --davis-root {ev.davis_root or 'ROOT'} "
-            f"--split {ev.split}",
+            f"{ev.split} results: {others}); scores on other data or under another protocol "
+            f"are not comparable. Evaluate it on this set under this protocol first: {command}",
         )
     if jf > float(held):
         return Promotion(

@@ -7,8 +7,10 @@ version). Its result depends only on
   checkpoint path and the registered version made from it are the same model),
 - what was scored (`jobs.evaluate.davis_set_id`: the sequences' ground truth and the scoring
   options),
-- the test protocol and the other options that change a number (`SCORING_KEYS`; Ray
-  resources, the output folder, pictures and MLflow settings do not).
+- the test protocol (`protocol.*`, as resolved for the model by jobs.evaluate: a radius left
+  to the model and the model's own radius spelled out are one protocol, jobs.eval_protocol)
+  and the other options that change a number (`SCORING_KEYS`; Ray resources, the output
+  folder, pictures and MLflow settings do not).
 `eval_key` hashes the three. `jobs.evaluate` looks for a finished result with that key before
 any work (`find_reusable`): an MLflow evaluation run tagged with it (when logging is on), else
 the output folder's `summary.json`. `--force` evaluates again.
@@ -23,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from jobs.eval_protocol import is_protocol_file
 from typedconfig import flatten
 
 log = logging.getLogger(__name__)
@@ -93,15 +96,15 @@ def find_run(client, experiment: str, key: str):
 
 
 def restore_from_run(client, run, output: Path) -> dict[str, Any] | None:
-    """The run's logged summary and CSVs, copied into `output`; None when the run lacks them
-    (logged before summaries were): then it is evaluated again."""
+    """The run's logged summary, CSVs and protocol record, copied into `output`; None when the
+    run lacks them (logged before summaries were): then it is evaluated again."""
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     if SUMMARY_FILE not in names:
         return None
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in sorted(names):
-            if name == SUMMARY_FILE or name.endswith(".csv"):
+            if name == SUMMARY_FILE or name.endswith(".csv") or is_protocol_file(name):
                 local = Path(client.download_artifacts(run.info.run_id, name, tmp))
                 (output / name).write_bytes(local.read_bytes())
         summary = json.loads((output / SUMMARY_FILE).read_text())

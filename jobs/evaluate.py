@@ -15,12 +15,17 @@ version, tags the version, optionally promotes an alias, and writes `summary.jso
 the completion marker. With `ray.enabled=false` the same per-sequence function runs in this
 process: the numbers are identical.
 
+Every result records its test protocol (the `protocol` section resolved against the model,
+jobs/eval_protocol.py: `mast` by default) beside the CSVs, in summary.json, on the run and on
+the model version.
+
 MLflow: `mlflow.tracking_uri` (else $MLFLOW_TRACKING_URI, else the project's SQLite store) is
 where models:/ and runs:/ URIs are read from, also with `mlflow.enabled=false`, which only
 turns off logging the evaluation. Scores are tagged per DAVIS set (`davis_set_id`: a content
-hash of the scored sequences' ground truth and the scoring options), and `--promote` compares
-only full evaluations on the same set: if the alias holder has no score on this set, the alias
-stays and the log says which command evaluates the holder on it (jobs/eval_mlflow.py).
+hash of the scored sequences' ground truth and the scoring options) and protocol, and
+`--promote` compares only full evaluations on the same set under the same protocol: if the
+alias holder has no such score, the alias stays and the log says which command evaluates the
+holder on it (jobs/eval_mlflow.py).
 
 Exit codes: 0 scored, 1 nothing could be scored, 2 could not run (a one-line `error: ...`).
 """
@@ -42,8 +47,9 @@ from davis.metrics import global_scores
 from jobs.eval_baselines import BASELINE_PREFIX, compare_colour
 from jobs.eval_config import EvalConfig
 from jobs.eval_fanout import run_sequences
+from jobs.eval_protocol import Protocol, protocol_file, write_protocol_file
 from jobs.eval_reuse import SUMMARY_FILE, eval_key, find_reusable, model_digest
-from jobs.eval_sequence import SequenceResult, baseline_state
+from jobs.eval_sequence import SequenceResult, baseline_state, model_test_radius
 from storage import atomic_path
 from typedconfig import ConfigError, config_help, load_config
 
@@ -161,7 +167,12 @@ def davis_set_id(root: str | Path, names: list[str], cfg: EvalConfig) -> str:
 
 
 def summarise(
-    results: list[SequenceResult], cfg: EvalConfig, root, split_size: int, davis_set: str
+    results: list[SequenceResult],
+    cfg: EvalConfig,
+    root,
+    split_size: int,
+    davis_set: str,
+    protocol: Protocol,
 ) -> dict:
     scored = [r for r in results if r.ok]
     full = not cfg.sequences and len(scored) == split_size and split_size > 0
@@ -169,6 +180,7 @@ def summarise(
         "split": cfg.split,
         "davis_root": str(Path(root).absolute()),
         "davis_set": davis_set,
+        "protocol": protocol.spec(),
         "scored": len(scored),
         "requested": len(results),
         "scope": "full" if full else f"partial {len(scored)}/{split_size}",
@@ -189,9 +201,9 @@ def summarise(
 def evaluate(
     model_uri: str, davis_root: str | Path, cfg: EvalConfig, promote: str = "", force: bool = False
 ) -> dict:
-    """Run the whole evaluation, or reuse a finished one of the same model, DAVIS set and
-    scoring options (`jobs.eval_reuse`) unless `force`; returns the summary (also written to
-    <output>/summary.json)."""
+    """Run the whole evaluation, or reuse a finished one of the same model, DAVIS set, protocol
+    and scoring options (`jobs.eval_reuse`) unless `force`; returns the summary (also written
+    to <output>/summary.json)."""
     output = Path(cfg.output).absolute()
     problem = storage.not_a_directory(str(output))
     if problem:
@@ -226,6 +238,10 @@ def evaluate(
 
             log_failed_run(tracking_uri, cfg.mlflow.experiment, model_uri, str(e))
         raise
+    # The protocol as it runs (radius None -> the model's own): every task, the evaluation key,
+    # the logged config and the colour baseline beside the model see this one.
+    protocol = Protocol.resolve(cfg.protocol, model_test_radius(state))
+    cfg = dataclasses.replace(cfg, protocol=protocol.config())
     davis_set = davis_set_id(davis_root, names, cfg)
     key = eval_key(model_digest(state), davis_set, cfg)
     if not force:
@@ -236,22 +252,30 @@ def evaluate(
                      "evaluates again)", where)  # fmt: skip
             reused["reused"] = where
             reused["model_uri"] = model_uri
-            return finish(reused, cfg, client, ref, promote, output)
+            return finish(reused, cfg, protocol, client, ref, promote, output)
     log.info(
-        "evaluating %s on %d sequences of %s (%s)", model_uri, len(names), davis_root, cfg.split
-    )
+        "evaluating %s on %d sequences of %s (%s) under protocol %s",
+        model_uri, len(names), davis_root, cfg.split, protocol.id,
+    )  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
     (output / SUMMARY_FILE).unlink(missing_ok=True)  # the marker goes last
     results = run_sequences(state, Path(davis_root).absolute(), names, output, cfg)
-    summary = summarise(results, cfg, davis_root, split_size, davis_set)
+    summary = summarise(results, cfg, davis_root, split_size, davis_set, protocol)
     summary["eval_key"] = key
     summary["model_uri"] = model_uri
     objects = [o for r in results if r.ok for o in r.objects]
     scores = global_scores(objects) if objects else None
-    artifacts = list(write_results_csvs(output, cfg.split, objects)) if objects else []
-    if not objects:  # never leave stale numbers beside a run that scored nothing
-        for csv in (f"global_results-{cfg.split}.csv", f"per-sequence_results-{cfg.split}.csv"):
-            (output / csv).unlink(missing_ok=True)
+    artifacts = []
+    if objects:  # the official CSVs, and beside them the protocol they were measured under
+        artifacts += write_results_csvs(output, cfg.split, objects)
+        artifacts.append(write_protocol_file(output, cfg.split, protocol))
+    else:  # never leave stale numbers beside a run that scored nothing
+        for name in (
+            f"global_results-{cfg.split}.csv",
+            f"per-sequence_results-{cfg.split}.csv",
+            protocol_file(cfg.split),
+        ):
+            (output / name).unlink(missing_ok=True)
     summary["scores"] = scores
     if cfg.mlflow.enabled:
         from jobs.eval_mlflow import log_evaluation
@@ -262,10 +286,12 @@ def evaluate(
             summary=summary, scores=scores, objects=objects, artifacts=artifacts, overlays=overlays,
         )  # fmt: skip
         summary["mlflow_run_id"] = run_id
-    return finish(summary, cfg, client, ref, promote, output)
+    return finish(summary, cfg, protocol, client, ref, promote, output)
 
 
-def finish(summary: dict, cfg: EvalConfig, client, ref, promote: str, output: Path) -> dict:
+def finish(
+    summary: dict, cfg: EvalConfig, protocol: Protocol, client, ref, promote: str, output: Path
+) -> dict:
     """Compare with the colour baseline, tag the model version, decide a promotion, report,
     write summary.json last (and log it with the run, where a later identical evaluation
     finds it); for a new result and a reused one alike."""
@@ -280,7 +306,9 @@ def finish(summary: dict, cfg: EvalConfig, client, ref, promote: str, output: Pa
         from jobs.eval_mlflow import EvalSet, tag_model_version
         from jobs.eval_mlflow import promote as promote_alias
 
-        ev = EvalSet(cfg.split, summary["davis_set"], summary["scope"], summary["davis_root"])
+        ev = EvalSet(
+            cfg.split, summary["davis_set"], protocol, summary["scope"], summary["davis_root"]
+        )
         if ref.name and scores is not None:
             tag_model_version(client, ref, ev, scores, run_id)
         if promote:
@@ -299,12 +327,13 @@ def report(summary: dict) -> None:
     scores = summary["scores"]
     if scores:
         log.info(
-            "J&F %.3f  J %.3f  F %.3f  (%d/%d sequences)",
+            "J&F %.3f  J %.3f  F %.3f  (%d/%d sequences, protocol %s)",
             scores["J&F-Mean"],
             scores["J-Mean"],
             scores["F-Mean"],
             summary["scored"],
             summary["requested"],
+            summary["protocol"]["id"],
         )
     colour = summary.get("colour_baseline")
     if colour:
@@ -341,7 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output", default=None, help="results folder (default: runs/eval)")
     parser.add_argument(
-        "--promote", default="", help="move this alias to the model if its J&F beats the holder's"
+        "--promote",
+        default="",
+        help="move this alias to the model if its J&F beats the holder's (same set and protocol)",
     )
     parser.add_argument(
         "--config", default=None, help="YAML of EvalConfig keys, e.g. configs/eval/default.yaml"
@@ -349,7 +380,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="evaluate even if this model was scored on this DAVIS set with these options",
+        help="evaluate even if this model was scored on this DAVIS set, protocol and options",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     # Intermixed: `key=value` overrides may come before or after the options.

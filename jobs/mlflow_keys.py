@@ -51,14 +51,20 @@ def metric_key(measure: str) -> str:
     return measure.replace("&", "")
 
 
+# An evaluation run's test protocol (jobs.eval_protocol): its id, and the fields as JSON.
+RUN_PROTOCOL = "davis.protocol"
+RUN_PROTOCOL_SPEC = "davis.protocol.spec"
+
+
 def version_tag(split: str, what: str) -> str:
-    """The latest full evaluation on `split`, whatever its set (display only)."""
+    """The latest full evaluation on `split`, whatever its set and protocol (display only)."""
     return f"davis.{split}.{what}"
 
 
-def set_tag(split: str, davis_set: str, what: str) -> str:
-    """A full evaluation on one set of data: the tags promotion compares."""
-    return f"davis.{split}.{davis_set}.{what}"
+def set_tag(split: str, davis_set: str, protocol: str, what: str) -> str:
+    """A full evaluation on one set of data under one protocol (its jobs.eval_protocol id):
+    the tags promotion compares."""
+    return f"davis.{split}.{davis_set}.{protocol}.{what}"
 
 
 def promotion_tag(alias: str) -> str:

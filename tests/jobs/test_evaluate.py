@@ -25,6 +25,7 @@ from davis.io import (
 from davis.metrics import evaluate_sequence, global_scores
 from jobs.eval_config import EvalConfig
 from jobs.eval_mlflow import EvalSet, ModelRef, decide_promotion
+from jobs.eval_protocol import MAST_PROTOCOL, Protocol
 from jobs.evaluate import EvalError, cli, davis_set_id, evaluate, main, parse_args
 from jobs.mlflow_keys import set_tag, version_tag
 from model import MAST
@@ -282,10 +283,12 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     line = "J&F {:.3f} (J {:.3f}, F {:.3f})".format(
         *(first["scores"][k] for k in ("J&F-Mean", "J-Mean", "F-Mean"))
     )
-    assert v1.description == f"DAVIS val set {first['davis_set']}: {line}"
+    r4 = "topkall-lt0_5-st1_3_5-r4-tmodel"  # MAST's protocol but radius 4
+    assert first["protocol"]["id"] == r4
+    assert v1.description == f"DAVIS val set {first['davis_set']} protocol {r4}: {line}"
     assert run.data.tags["mlflow.note.content"] == (
         f"DAVIS val evaluation of models:/mast-eval-test/1 (full, 2/2 sequences scored, set "
-        f"{first['davis_set']}): {line}"
+        f"{first['davis_set']}, protocol {r4}): {line}"
     )
     # The numbers also sit on the version's LoggedModel page (MLflow 3).
     logged = client.get_logged_model(str(v1.source).removeprefix("models:/"))
@@ -305,7 +308,8 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     )
     davis_set = first["davis_set"]
     assert second["davis_set"] == davis_set
-    assert v1.tags[set_tag("val", davis_set, "JF_mean")] == v1.tags[version_tag("val", "JF_mean")]
+    jf_tag = set_tag("val", davis_set, r4, "JF_mean")
+    assert v1.tags[jf_tag] == v1.tags[version_tag("val", "JF_mean")]
     assert v1.tags[version_tag("val", "set")] == davis_set
 
     # A partial evaluation neither replaces the version's full numbers nor promotes.
@@ -328,17 +332,15 @@ def test_mlflow_run_version_tags_and_promotion(davis_root, registry, tmp_path):
     assert third["scope"] == "full" and third["davis_set"] != davis_set
     assert not third["promotion"]["promoted"]
     assert (
-        f"has no full J&F on val set {third['davis_set']} (its val sets: {davis_set})"
-        in (third["promotion"]["reason"])
+        f"has no full J&F on val set {third['davis_set']} under protocol {r4} (its val results: "
+        f"{davis_set} ({r4}))" in (third["promotion"]["reason"])
     )
     assert str(client.get_model_version_by_alias("mast-eval-test", "champion").version) == holder
     tags = client.get_model_version("mast-eval-test", loser).tags
-    assert float(tags[set_tag("val", third["davis_set"], "JF_mean")]) == pytest.approx(
+    assert float(tags[set_tag("val", third["davis_set"], r4, "JF_mean")]) == pytest.approx(
         third["scores"]["J&F-Mean"], abs=1e-6
     )
-    assert (
-        tags[set_tag("val", davis_set, "JF_mean")] == before[set_tag("val", davis_set, "JF_mean")]
-    )
+    assert tags[jf_tag] == before[jf_tag]
 
 
 def test_models_load_from_the_given_store_with_logging_off(
@@ -370,27 +372,72 @@ def test_promotion_decisions(registry):
     name = "mast-eval-test"
     client.set_registered_model_alias(name, "gold", "1")
     ref = ModelRef("models:/mast-eval-test/2", name, "2")
-    client.set_model_version_tag(name, "1", set_tag("test-dev", "aaaa", "JF_mean"), "0.5")
+    a, b = "a" * 12, "b" * 12  # DAVIS set ids
+    client.set_model_version_tag(name, "1", set_tag("test-dev", a, "mast", "JF_mean"), "0.5")
     # The split-level tags (latest full evaluation, any set) are never compared.
     client.set_model_version_tag(name, "1", version_tag("test-dev", "JF_mean"), "0.1")
     client.set_model_version_tag(name, "1", version_tag("test-dev", "scope"), "full")
-    on_a = EvalSet("test-dev", "aaaa", "full")
+    on_a = EvalSet("test-dev", a, MAST_PROTOCOL, "full")
     assert decide_promotion(client, ref, "gold", on_a, 0.6).promoted
     tie = decide_promotion(client, ref, "gold", on_a, 0.5)
-    assert (
-        not tie.promoted and "does not beat version 1's 0.5000 on test-dev set aaaa" in tie.reason
+    assert not tie.promoted
+    assert f"does not beat version 1's 0.5000 on test-dev set {a} under protocol mast" in tie.reason
+    partial = decide_promotion(
+        client, ref, "gold", EvalSet("test-dev", a, MAST_PROTOCOL, "partial 1/2"), 0.9
     )
-    partial = decide_promotion(client, ref, "gold", EvalSet("test-dev", "aaaa", "partial 1/2"), 0.9)
     assert not partial.promoted and "partial 1/2" in partial.reason
-    on_b = EvalSet("test-dev", "bbbb", "full", "/data/B")
+    on_b = EvalSet("test-dev", b, MAST_PROTOCOL, "full", "/data/B")
     other = decide_promotion(client, ref, "gold", on_b, 0.9)
     assert not other.promoted
-    assert "has no full J&F on test-dev set bbbb (its test-dev sets: aaaa)" in other.reason
-    assert "--model models:/mast-eval-test/1 --davis-root /data/B --split test-dev" in other.reason
-    unknown = decide_promotion(client, ref, "gold", EvalSet("train", "aaaa", "full"), 0.9)
-    assert not unknown.promoted and "(its train sets: none)" in unknown.reason
+    assert (
+        f"has no full J&F on test-dev set {b} under protocol mast (its test-dev results: {a} "
+        "(mast))" in other.reason
+    )
+    assert other.reason.endswith(
+        "--model models:/mast-eval-test/1 --davis-root /data/B --split test-dev protocol.radius=12"
+    )
+    unknown = decide_promotion(client, ref, "gold", EvalSet("train", a, MAST_PROTOCOL, "full"), 0.9)
+    assert not unknown.promoted and "(its train results: none)" in unknown.reason
     same = decide_promotion(client, ModelRef("x", name, "1"), "gold", on_a, 0.9)
     assert not same.promoted and "already holds" in same.reason
+
+
+def test_promotion_compares_only_results_under_the_same_protocol(registry):
+    client = MlflowClient(registry, registry_uri=registry)
+    name = "mast-eval-test"
+    client.set_registered_model_alias(name, "silver", "1")
+    ref = ModelRef("models:/mast-eval-test/2", name, "2")
+    s = "c" * 12  # a set on a split of its own: the other tests' results are not listed
+    crw = Protocol(top_k=10, long_term=(), short_term=tuple(range(1, 21)), radius=12,
+                   temperature=0.05)  # fmt: skip
+    client.set_model_version_tag(name, "1", set_tag("holdout", s, "mast", "JF_mean"), "0.5")
+    # Tagged before protocols were recorded: its protocol is unknown, so it is never compared.
+    client.set_model_version_tag(name, "1", f"davis.holdout.{s}.JF_mean", "0.1")
+    # A higher J&F under CRW's protocol is not compared with the holder's under MAST's.
+    under_crw = decide_promotion(
+        client, ref, "silver", EvalSet("holdout", s, crw, "full", "/d"), 0.9
+    )
+    assert not under_crw.promoted
+    assert under_crw.reason == (
+        f"not promoted: holder version 1 has no full J&F on holdout set {s} under protocol "
+        f"topk10-ltnone-st1to20-r12-t0.05 (its holdout results: {s} (mast), {s} (protocol not "
+        "recorded)); scores on other data or under another protocol are not comparable. "
+        "Evaluate it on this set under this protocol first: python -m jobs.evaluate --model "
+        "models:/mast-eval-test/1 --davis-root /d --split holdout protocol.top_k=10 "
+        "protocol.long_term=[] protocol.short_term=[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,"
+        "18,19,20] protocol.radius=12 protocol.temperature=0.05"
+    )
+    # Under MAST's protocol the holder's 0.5 is the bar (not the unrecorded 0.1).
+    assert not decide_promotion(
+        client, ref, "silver", EvalSet("holdout", s, MAST_PROTOCOL, "full"), 0.4
+    ).promoted
+    assert decide_promotion(
+        client, ref, "silver", EvalSet("holdout", s, MAST_PROTOCOL, "full"), 0.6
+    ).promoted
+    client.set_model_version_tag(name, "1", set_tag("holdout", s, crw.id, "JF_mean"), "0.95")
+    assert not decide_promotion(
+        client, ref, "silver", EvalSet("holdout", s, crw, "full"), 0.9
+    ).promoted
 
 
 def test_promote_needs_a_registered_model_and_bad_uris_are_recorded(
@@ -478,8 +525,8 @@ def test_a_logged_evaluation_is_reused_from_mlflow_without_a_new_run(
     second = main(parse_args(elsewhere))
     assert len(runs()) == 1 and second["mlflow_run_id"] == first["mlflow_run_id"]
     assert second["scores"] == first["scores"] and "MLflow run" in second["reused"]
-    for csv in ("global_results-val.csv", "per-sequence_results-val.csv"):
-        assert (tmp_path / "b" / csv).read_text() == (tmp_path / "a" / csv).read_text()
+    for name in ("global_results-val.csv", "per-sequence_results-val.csv", "protocol-val.json"):
+        assert (tmp_path / "b" / name).read_text() == (tmp_path / "a" / name).read_text()
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["reused"] == second["reused"]
     # The same weights through a checkpoint path are the same model: reused too.
     path = tmp_path / "v2.pt"
@@ -529,3 +576,86 @@ def test_every_evaluation_reports_the_colour_baseline_beside_the_model(
     assert len(runs()) == 3
     with pytest.raises(EvalError, match=r"unknown baseline 'baseline:x'; choose one of"):
         main(parse_args(["--model", "baseline:x", "--output", str(tmp_path / "x"), *common]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Test protocols (jobs/eval_protocol.py)
+
+
+def test_an_evaluation_is_reused_only_under_the_same_protocol(davis_root, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    top10 = evaluate(str(checkpoint), davis_root, local_cfg(out, "protocol.top_k=10"))
+    assert "reused" not in top10 and top10["protocol"]["id"] == "topk10-lt0_5-st1_3_5-r4-tmodel"
+    again = evaluate(str(checkpoint), davis_root, local_cfg(out, "protocol.top_k=10"))
+    assert again["reused"] == str(out / "summary.json") and again["scores"] == top10["scores"]
+    top5 = evaluate(str(checkpoint), davis_root, local_cfg(out, "protocol.top_k=5"))
+    assert "reused" not in top5 and top5["eval_key"] != top10["eval_key"]
+    assert top5["protocol"]["id"] == "topk5-lt0_5-st1_3_5-r4-tmodel"
+    # The model's own radius (its test_radius, 12) spelled out is the same protocol: MAST's.
+    mast = evaluate(str(checkpoint), davis_root, local_cfg(out, "protocol.radius=12"))
+    assert "reused" not in mast and mast["protocol"]["id"] == "mast"
+    left_open = evaluate(str(checkpoint), davis_root, local_cfg(out, "protocol.radius=null"))
+    assert left_open["reused"] and left_open["eval_key"] == mast["eval_key"]
+    assert json.loads((out / "protocol-val.json").read_text()) == {
+        "id": "mast", "top_k": None, "long_term": [0, 5], "short_term": [1, 3, 5], "radius": 12,
+        "temperature": None,
+    }  # fmt: skip
+
+
+def test_a_non_default_protocol_is_recorded_with_every_result(davis_root, registry, tmp_path):
+    client = MlflowClient(registry, registry_uri=registry)
+    common = [
+        "--davis-root", str(davis_root), "ray.enabled=false", f"mlflow.tracking_uri={registry}",
+        "mlflow.experiment=protocols", "--promote", "bronze", "overlay=none",
+    ]  # fmt: skip
+    # Version 2 takes the free alias under MAST's protocol (radius 4 aside).
+    first = main(
+        parse_args(["--model", "models:/mast-eval-test/2", "--output", str(tmp_path / "v2"),
+                    *common, "protocol.radius=4", "compare_colour=false"])
+    )  # fmt: skip
+    assert first["promotion"]["promoted"]
+    # Version 1 under a CRW-like protocol, the colour baseline beside it.
+    crw = ["protocol.top_k=10", "protocol.temperature=0.05", "protocol.long_term=[0]",
+           "protocol.short_term=[1,2,3]", "protocol.radius=4"]  # fmt: skip
+    out = tmp_path / "v1"
+    second = main(parse_args(["--model", "models:/mast-eval-test/1", "--output", str(out),
+                              *common, *crw]))  # fmt: skip
+    pid = "topk10-lt0-st1to3-r4-t0.05"
+    spec = {"id": pid, "top_k": 10, "long_term": [0], "short_term": [1, 2, 3], "radius": 4,
+            "temperature": 0.05}  # fmt: skip
+    assert second["protocol"] == spec
+    # Beside the CSVs (which keep the official columns), in summary.json.
+    assert json.loads((out / "protocol-val.json").read_text()) == spec
+    assert json.loads((out / "summary.json").read_text())["protocol"] == spec
+    assert (out / "global_results-val.csv").read_text().startswith("J&F-Mean,J-Mean,J-Recall,")
+    # The run: tags and the resolved config as params.
+    run = client.get_run(second["mlflow_run_id"])
+    assert run.data.tags["davis.protocol"] == pid
+    assert json.loads(run.data.tags["davis.protocol.spec"]) == spec
+    params = run.data.params
+    assert (params["protocol.top_k"], params["protocol.radius"]) == ("10", "4")
+    assert params["protocol.temperature"] == "0.05" and params["protocol.long_term"] == "[0]"
+    assert "protocol-val.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # The colour baseline ran under the same protocol (its temperature is the protocol's).
+    colour = client.get_run(second["colour_baseline"]["mlflow_run_id"])
+    assert colour.data.tags["davis.protocol"] == pid and colour.data.tags["model_uri"] == (
+        "baseline:colour"
+    )
+    # The version: the score under (set, protocol), and the latest result's protocol.
+    tags = client.get_model_version("mast-eval-test", "1").tags
+    jf = tags[set_tag("val", second["davis_set"], pid, "JF_mean")]
+    assert float(jf) == pytest.approx(second["scores"]["J&F-Mean"], abs=1e-6)
+    assert tags[set_tag("val", second["davis_set"], pid, "run_id")] == run.info.run_id
+    assert tags[version_tag("val", "protocol")] == pid
+    assert json.loads(tags[version_tag("val", "protocol_spec")]) == spec
+    # Promotion: version 2 holds bronze with a score under another protocol only.
+    assert not second["promotion"]["promoted"]
+    assert (
+        f"has no full J&F on val set {second['davis_set']} under protocol {pid}"
+        in (second["promotion"]["reason"])
+    )
+    assert second["promotion"]["reason"].endswith(
+        "--split val protocol.top_k=10 protocol.long_term=[0] protocol.short_term=[1,2,3] "
+        "protocol.radius=4 protocol.temperature=0.05"
+    )
+    assert str(client.get_model_version_by_alias("mast-eval-test", "bronze").version) == "2"
