@@ -19,10 +19,16 @@ COLOUR_DIR = "_baseline_colour"  # the colour baseline's results, beside the mod
 
 
 def compare_colour(
-    model_uri: str, davis_root: Any, cfg: EvalConfig, output: Path, summary: dict
+    model_uri: str,
+    davis_root: Any,
+    cfg: EvalConfig,
+    output: Path,
+    summary: dict,
+    force: bool = False,
 ) -> dict | None:
     """The colour baseline's J&F on the same set, protocol and options (scored once, then
-    reused) and the model's margin over it; None for a baseline or a run that scored nothing."""
+    reused; scored again with `force`, as the model was) and the model's margin over it; None
+    for a baseline or a run that scored nothing."""
     if not cfg.compare_colour or model_uri.startswith(BASELINE_PREFIX) or not summary["scores"]:
         return None
     base_cfg = dataclasses.replace(
@@ -30,7 +36,7 @@ def compare_colour(
     )
     from jobs.evaluate import evaluate  # the same job, for the baseline
 
-    baseline = evaluate(COLOUR_BASELINE, davis_root, base_cfg)
+    baseline = evaluate(COLOUR_BASELINE, davis_root, base_cfg, force=force)
     same = (baseline["davis_set"], baseline["protocol"]) == (
         summary["davis_set"],
         summary["protocol"],

@@ -11,7 +11,8 @@ version). Its result depends only on
   to the model and the model's own radius spelled out are one protocol, jobs.eval_protocol)
   and the other options that change a number (`SCORING_KEYS`; Ray resources, the output
   folder, pictures and MLflow settings do not).
-`eval_key` hashes the three. `jobs.evaluate` looks for a finished result with that key before
+`eval_key` hashes the three, and the label grid's version (`model.grid.LABEL_GRID`: the same
+weights score differently on another grid). `jobs.evaluate` looks for a finished result with that key before
 any work (`find_reusable`): an MLflow evaluation run tagged with it (when logging is on), else
 the output folder's `summary.json`. `--force` evaluates again.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.eval_protocol import is_protocol_file
+from model.grid import LABEL_GRID
 from typedconfig import flatten
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,12 @@ def scoring_options(cfg: Any) -> dict[str, Any]:
 def eval_key(model: str, davis_set: str, cfg: Any) -> str:
     """24 hex digits naming one evaluation: model digest, DAVIS set and scoring options."""
     payload = json.dumps(
-        {"model": model, "davis_set": davis_set, "options": scoring_options(cfg)},
+        {
+            "model": model,
+            "davis_set": davis_set,
+            "options": scoring_options(cfg),
+            "label_grid": LABEL_GRID,
+        },
         sort_keys=True,
         default=list,
     )

@@ -286,11 +286,18 @@ def evaluate(
             summary=summary, scores=scores, objects=objects, artifacts=artifacts, overlays=overlays,
         )  # fmt: skip
         summary["mlflow_run_id"] = run_id
-    return finish(summary, cfg, protocol, client, ref, promote, output)
+    return finish(summary, cfg, protocol, client, ref, promote, output, force=force)
 
 
 def finish(
-    summary: dict, cfg: EvalConfig, protocol: Protocol, client, ref, promote: str, output: Path
+    summary: dict,
+    cfg: EvalConfig,
+    protocol: Protocol,
+    client,
+    ref,
+    promote: str,
+    output: Path,
+    force: bool = False,
 ) -> dict:
     """Compare with the colour baseline, tag the model version, decide a promotion, report,
     write summary.json last (and log it with the run, where a later identical evaluation
@@ -298,7 +305,7 @@ def finish(
     scores, run_id = summary["scores"], summary.get("mlflow_run_id")
     summary.pop("promotion", None)  # a reused summary's decision was about another holder
     summary["colour_baseline"] = compare_colour(
-        summary["model_uri"], summary["davis_root"], cfg, output, summary
+        summary["model_uri"], summary["davis_root"], cfg, output, summary, force=force
     )
     if run_id and summary["colour_baseline"] and cfg.mlflow.enabled and "reused" not in summary:
         client.log_metric(run_id, "JF-Mean_minus_colour", summary["colour_baseline"]["difference"])

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 STRIDE = 4
+# Names this grid in evaluation keys (jobs.eval_reuse): results from another grid are not reused.
+LABEL_GRID = "cell-average-v1"
 
 
 def cell_shape(height: int, width: int) -> tuple[int, int]:

@@ -484,7 +484,9 @@ def test_promote_needs_a_registered_model_and_bad_uris_are_recorded(
             main(parse_args(["--model", "models:/other@x", *args[2:6], *args[8:], *extra]))
 
 
-def test_an_evaluation_done_before_is_reused_unless_forced(davis_root, checkpoint, tmp_path):
+def test_an_evaluation_done_before_is_reused_unless_forced(
+    davis_root, checkpoint, tmp_path, monkeypatch
+):
     # Logging off: the output's summary.json is the record. A second identical evaluation
     # writes no prediction (a deleted one stays deleted) and returns the same numbers.
     out = tmp_path / "local"
@@ -500,6 +502,10 @@ def test_an_evaluation_done_before_is_reused_unless_forced(davis_root, checkpoin
     forced = evaluate(str(checkpoint), davis_root, local_cfg(out), force=True)
     assert "reused" not in forced and forced["scores"] == first["scores"]
     assert (out / GOOD[0] / "00001.png").is_file()
+    # Results on another label grid (model/grid.py) are not these results.
+    monkeypatch.setattr("jobs.eval_reuse.LABEL_GRID", "another-grid")
+    regrid = evaluate(str(checkpoint), davis_root, local_cfg(out))
+    assert "reused" not in regrid and regrid["eval_key"] != first["eval_key"]
 
 
 def test_a_logged_evaluation_is_reused_from_mlflow_without_a_new_run(
@@ -564,6 +570,13 @@ def test_every_evaluation_reports_the_colour_baseline_beside_the_model(
         parse_args(["--model", "baseline:colour", "--output", str(tmp_path / "c"), *common])
     )
     assert direct["mlflow_run_id"] == colour["mlflow_run_id"] and direct["colour_baseline"] is None
+    # --force scores the model again, and the baseline beside it too (a new run of each).
+    forced = main(
+        parse_args(["--model", str(checkpoint), "--output", str(out), *common, "--force"])
+    )
+    assert forced["mlflow_run_id"] != model["mlflow_run_id"]
+    assert forced["colour_baseline"]["mlflow_run_id"] != colour["mlflow_run_id"]
+    assert forced["colour_baseline"]["J&F-Mean"] == colour["J&F-Mean"]
     # Copy-first scores what copying the first annotation scores, computed independently.
     copy = main(
         parse_args(["--model", "baseline:copy-first", "--output", str(tmp_path / "f"), *common])
