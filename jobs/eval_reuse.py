@@ -12,9 +12,9 @@ version). Its result depends only on
   and the other options that change a number (`SCORING_KEYS`; Ray resources, the output
   folder, pictures and MLflow settings do not).
 `eval_key` hashes the three, and the label grid's version (`model.grid.LABEL_GRID`: the same
-weights score differently on another grid). `jobs.evaluate` looks for a finished result with that key before
-any work (`find_reusable`): an MLflow evaluation run tagged with it (when logging is on), else
-the output folder's `summary.json`. `--force` evaluates again.
+weights score differently on another grid). `jobs.evaluate` looks for a finished result with
+that key before any work (`find_reusable`): an MLflow evaluation run tagged with it (when
+logging is on), else the output folder's `summary.json`. `--force` evaluates again.
 """
 
 from __future__ import annotations
