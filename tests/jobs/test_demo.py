@@ -92,3 +92,28 @@ def run_next_commands(stdout: str, root) -> None:
     # The evaluation of the champion was the demo's own, reused; the training was finished.
     assert "reusing the evaluation" in output and "already finished" in output, output[-3000:]
     assert (root / "eval" / "champion" / "global_results-val.csv").is_file()
+
+
+@pytest.mark.parametrize("plan", ["demo.yaml", "cpu_hour.yaml"])
+def test_every_plan_names_configs_that_load(plan):
+    """`make demo` and `make recipe` run plans: each names job configs that load with its
+    overrides, and the recipe trains what its README row says (48,000 pretrain clips)."""
+    from davis.sample import SampleConfig
+    from jobs.eval_config import EvalConfig
+    from jobs.train_config import load_stage_configs
+    from pipeline.config import IngestConfig
+    from typedconfig import load_config
+
+    spec = yaml.safe_load((ROOT / "configs" / plan).read_text())
+    assert set(spec) == {"ingest", "train", "sample", "evaluate"}
+    load_config(IngestConfig, ROOT / spec["ingest"]["config"], spec["ingest"]["overrides"])
+    stages = load_stage_configs(
+        ROOT / spec["train"]["config"], spec["train"]["stages"], spec["train"]["overrides"]
+    )
+    assert [c.loader.stage for c in stages] == ["pretrain", "main", "dynamic"]
+    load_config(SampleConfig, None, spec["sample"]["overrides"])
+    load_config(EvalConfig, ROOT / spec["evaluate"]["config"])
+    if plan == "cpu_hour.yaml":
+        pretrain = stages[0]
+        assert pretrain.schedule.steps * pretrain.loader.batch_size == 48_000
+        assert (pretrain.model.width, pretrain.loader.crop_size) == (16, 96)
