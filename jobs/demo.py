@@ -147,8 +147,9 @@ def main(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    source = str(Path(args.videos).expanduser().resolve()) if args.videos else None
-    if source is None:
+    if args.videos:
+        source = str(Path(args.videos).expanduser().resolve())
+    else:
         build_corpus(root)
         source = str(root / "corpus")
     shards = root / "shards"
