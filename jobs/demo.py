@@ -58,21 +58,20 @@ def run(step: str, cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - start
 
 
-def build_corpus(root: Path) -> list[Path]:
+def build_corpus(root: Path) -> Path:
+    """<root>/corpus holding the sample videos (copied once, renamed into place)."""
     corpus = root / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
     try:
         source = sample_video_dir()
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    videos = []
     for name in SAMPLE_VIDEOS:
         target = corpus / name
         if not target.exists():
             shutil.copyfile(source / name, target.with_suffix(".part"))
             target.with_suffix(".part").rename(target)
-        videos.append(target)
-    return videos
+    return corpus
 
 
 def registry_rows(tracking_uri: str) -> list[dict[str, str]]:
@@ -150,8 +149,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.videos:
         source = str(Path(args.videos).expanduser().resolve())
     else:
-        build_corpus(root)
-        source = str(root / "corpus")
+        source = str(build_corpus(root))
     shards = root / "shards"
     plan = yaml.safe_load(Path(args.plan).read_text())
     timings["ingest"] = run(
